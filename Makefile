@@ -1,0 +1,45 @@
+# One-command setup and the everyday targets. See README.md.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PROTO_SRC := $(wildcard protos/minicpmo/v1/*.proto)
+
+.PHONY: setup venv deps proto redis test test-fast run bench k8s-validate lint clean
+
+setup: venv deps proto redis  ## everything a fresh Debian machine needs
+
+venv:
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+deps: venv
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+
+# Stubs are generated, not committed: same grpcio-tools (pinned) + same inputs = same files.
+proto: deps
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+	@redis-server --version
+
+test:
+	$(BIN)/python -m pytest tests -q
+
+run:
+	$(BIN)/minicpmo serve
+
+bench:
+	$(BIN)/minicpmo bench all
+
+k8s-validate:
+	$(BIN)/python -m pytest tests/deploy -q
+
+lint:
+	duplicates --most 20 || true
+
+clean:
+	rm -rf $(VENV) .run build *.egg-info
+	find protos -name '*_pb2*.py*' -delete
