@@ -1,0 +1,155 @@
+"""Next-token choice as upstream's `llm.generate` makes it (transformers 4.44 logits processors), batched.
+
+Order per row, as transformers applies it: repetition penalty over the ids generated so far, min-new-tokens
+(stop ids masked), then for sampling temperature -> top-k -> top-p -> multinomial; greedy takes the argmax of
+the processed logits. Each row may have its own params and its own seeded generator, so sessions batched into
+one forward pass still sample exactly as they would alone.
+
+Repetition-penalty window: when upstream generates from `inputs_embeds` (chat), `input_ids` seen by the penalty
+are the generated ids only; the caller passes those as `generated_ids`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+
+class SamplingError(ValueError):
+    """Sampling settings a caller can fix (out-of-range temperature, top_p, ...)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Upstream `chat` / `streaming_generate` defaults (sampling=True): top_p 0.8, top_k 100, temperature 0.7,
+    repetition_penalty 1.05, min_new_tokens 0. `greedy` is upstream's `do_sample=False` with num_beams 1.
+
+    `max_new_tokens` defaults to `chat`'s 2048 (`streaming_generate` uses 512: see STREAMING_DEFAULTS).
+    `seed` seeds this request's own generator (None: nondeterministic).
+    """
+
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 100
+    repetition_penalty: float = 1.05
+    min_new_tokens: int = 0
+    max_new_tokens: int = 2048
+    greedy: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.greedy and self.temperature <= 0:
+            raise SamplingError(f"temperature must be > 0 when sampling (got {self.temperature}); use greedy")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0 (0 disables it; got {self.top_k})")
+        if self.repetition_penalty <= 0:
+            raise SamplingError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if self.min_new_tokens < 0 or self.max_new_tokens < 1:
+            raise SamplingError(
+                f"need min_new_tokens >= 0 and max_new_tokens >= 1 (got {self.min_new_tokens}, {self.max_new_tokens})"
+            )
+
+    def with_(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)
+
+    def make_generator(self, device: str | torch.device = "cpu") -> torch.Generator | None:
+        """The per-request generator (None when unseeded: the global RNG is used)."""
+        if self.seed is None:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed)
+        return g
+
+
+CHAT_DEFAULTS = SamplingParams()
+STREAMING_DEFAULTS = SamplingParams(max_new_tokens=512)
+# What the golden greedy runs use: no penalty (upstream needs repetition_penalty=1.0 passed explicitly).
+GREEDY = SamplingParams(greedy=True, repetition_penalty=1.0)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, ids: Sequence[int], penalty: float) -> None:
+    """In place on one row (V,): logits of seen ids are divided by `penalty` if > 0, multiplied if < 0."""
+    if penalty == 1.0 or len(ids) == 0:
+        return
+    idx = torch.as_tensor(list(ids), dtype=torch.long, device=logits.device)
+    seen = logits.gather(0, idx)
+    logits.scatter_(0, idx, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """One row (V,) of temperature-scaled logits with everything outside top-k, then top-p, set to -inf.
+
+    Ties at the k-th value are kept (transformers' `scores < kth`); top-p removes the low tail whose cumulative
+    probability (ascending order) stays <= 1 - top_p, always keeping the most likely token.
+    """
+    out = logits
+    if 0 < top_k < out.shape[-1]:
+        kth = torch.topk(out, top_k).values[-1]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(out, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+        remove[-1] = False
+        out = out.masked_fill(remove.scatter(0, sorted_idx, remove), float("-inf"))
+    return out
+
+
+def _sample_rows(
+    scaled: torch.Tensor, params: Sequence[SamplingParams], gens: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """Sample one id per row of temperature-scaled logits (R, V).
+
+    Rows with a top-k work on their top-k candidates only (same distribution as filtering the whole vocabulary,
+    since everything outside top-k has probability 0) so a batch of 64 rows never sorts 64 full vocabularies.
+    """
+    R, V = scaled.shape
+    out = torch.empty(R, dtype=torch.long, device=scaled.device)
+    k_max = max((p.top_k for p in params if 0 < p.top_k < V), default=0)
+    cand_vals, cand_idx = torch.topk(scaled, k_max) if k_max else (None, None)
+    for r, p in enumerate(params):
+        if 0 < p.top_k < V:
+            vals, idx = cand_vals[r], cand_idx[r]
+            # keep ties with the k-th value that fall inside the candidate window, as `scores < kth` would
+            vals = vals.masked_fill(vals < vals[p.top_k - 1], float("-inf"))
+        else:
+            vals, idx = scaled[r], None
+        probs = top_k_top_p_filter(vals, 0, p.top_p).softmax(-1)
+        pick = torch.multinomial(probs, 1, generator=gens[r])[0]
+        out[r] = idx[pick] if idx is not None else pick
+    return out
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    generated_ids: Sequence[Sequence[int]],
+    generators: Sequence[torch.Generator | None] | None = None,
+    stop_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """Next token per row: `logits` (B, V) raw, `params` one for all rows or one per row, `generated_ids[b]` the
+    ids row b generated so far (penalty window and min-new-tokens count), `generators[b]` its RNG (from
+    `SamplingParams.make_generator`, kept by the caller across steps), `stop_ids` the ids masked while fewer
+    than `min_new_tokens` were generated. Returns (B,) int64 on the logits' device.
+    """
+    B = logits.shape[0]
+    per_row = [params] * B if isinstance(params, SamplingParams) else list(params)
+    if len(per_row) != B or len(generated_ids) != B:
+        raise SamplingError(f"{B} logits rows but {len(per_row)} params and {len(generated_ids)} histories")
+    gens = list(generators) if generators is not None else [None] * B
+    scores = logits.float().clone()
+    for b, p in enumerate(per_row):
+        apply_repetition_penalty(scores[b], generated_ids[b], p.repetition_penalty)
+        if len(generated_ids[b]) < p.min_new_tokens and len(stop_ids):
+            scores[b, list(stop_ids)] = float("-inf")
+    out = scores.argmax(-1)
+    sampled = [b for b, p in enumerate(per_row) if not p.greedy]
+    if sampled:
+        temps = torch.tensor([per_row[b].temperature for b in sampled], device=scores.device).unsqueeze(1)
+        out[sampled] = _sample_rows(
+            scores[sampled] / temps, [per_row[b] for b in sampled], [gens[b] for b in sampled]
+        )
+    return out
