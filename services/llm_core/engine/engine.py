@@ -1,0 +1,455 @@
+"""`LLMEngine`: many sessions on one replica, their prefills and decode steps batched into shared forward passes.
+
+Why not transformers' own continuous batching (`generate_batch` / `init_continuous_batching`, 5.23): its requests
+are token-id prompts that live for one generation, while we need (1) `inputs_embeds` prompts (vision and audio
+embeddings spliced in), (2) a session KV that persists across many prefills and answers (live units arrive
+every second, answers continue the same KV), (3) the last-layer hidden state at `<|spk|>` for the speech
+decoder, (4) interrupting one answer while keeping its KV consistent, and (5) per-session eviction and rebuild.
+Its paged cache and manager are built around request lifetimes, so this is a small nano-vllm-style engine
+instead: `kv_cache` (pooled blocks), `scheduler` (what runs each step), `runner` (one batched forward over the
+transformers Qwen2 modules), and this loop.
+
+Threading: one background thread runs the steps; the asyncio API hands work in under a lock and gets results
+back through `loop.call_soon_threadsafe`. All session state changes happen under that lock; the forward pass
+runs outside it, and results of requests that were interrupted or dropped meanwhile are discarded.
+
+KV semantics, as upstream's `llm.generate`: after an answer ends (stop id, max_new_tokens, interrupt), the
+session's KV holds everything prefilled + the generated ids except the last one (that id was never fed back).
+The next user turn therefore starts with `<|im_end|>` (or `<|tts_eos|><|im_end|>` after an interrupt), which the
+caller's prompt prefixes already carry. A caller rebuilding an evicted session replays the prefills and the fed
+ids (`GenEvent.kv_len` after each answer tells how many rows the session holds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from services.llm_core.engine.kv_cache import BlockManager, EngineFullError, KVPool
+from services.llm_core.engine.runner import ForwardBatch, ModelRunner, PrefillSpan
+from services.llm_core.engine.scheduler import (
+    ContextLengthError,
+    PrefillChunk,
+    Request,
+    ScheduledBatch,
+    Scheduler,
+    SessionStateError,
+)
+from services.llm_core.model import LLMModel
+from services.llm_core.sampling import SamplingParams, sample_next
+
+__all__ = [
+    "ContextLengthError",
+    "EngineFullError",
+    "EngineInputError",
+    "GenEvent",
+    "LLMEngine",
+    "PrefillResult",
+    "SessionDroppedError",
+    "SessionStateError",
+]
+
+
+class EngineInputError(ValueError):
+    """Malformed input to the engine (wrong embedding shape, spk position outside the prefix)."""
+
+
+class SessionDroppedError(SessionStateError):
+    """The session was dropped while this request was queued or running."""
+
+
+@dataclass
+class PrefillResult:
+    kv_len: int  # session KV rows after this prefill
+    last_hidden: torch.Tensor  # (D,) last-layer hidden state (after the final norm) of the last prefilled row
+
+
+@dataclass
+class GenEvent:
+    token_id: int | None  # None only on the closing event of an interrupted answer
+    index: int  # position of the token in the answer
+    kv_len: int  # session KV rows now (the newest token is not in it yet)
+    finish_reason: str | None = None  # "stop" | "length" | "interrupted" on the last event
+    spk_hidden: torch.Tensor | None = None  # (D,) on the first event when spk_position was given
+
+
+@dataclass(eq=False)
+class _Prefill:
+    embeds: torch.Tensor
+    deliver: Callable[[Any], None]  # PrefillResult or Exception, into the caller's event loop
+    last_hidden: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class _Generate:
+    embeds: torch.Tensor
+    params: SamplingParams
+    generator: torch.Generator | None
+    spk_position: int | None
+    deliver: Callable[[Any], None]  # GenEvent or Exception
+    generated: list[int] = field(default_factory=list)
+    spk_hidden: torch.Tensor | None = None
+
+
+def _threadsafe_sink(loop: asyncio.AbstractEventLoop, put: Callable[[Any], None]) -> Callable[[Any], None]:
+    def deliver(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(put, item)
+        except RuntimeError:  # the caller's event loop is gone: nobody is waiting for this result
+            pass
+
+    return deliver
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: LLMModel,
+        kv_budget_tokens: int,
+        max_batch_tokens: int = 512,
+        *,
+        stop_ids: Sequence[int],
+        block_size: int = 16,
+        max_session_tokens: int | None = None,
+        evict_idle: bool = True,
+        on_evict: Callable[[str], None] | None = None,
+    ):
+        cfg = model.config
+        self.model = model
+        self.device = model.device_
+        self.hidden_size = cfg.hidden_size
+        self.stop_ids = frozenset(int(i) for i in stop_ids)
+        num_blocks = -(-kv_budget_tokens // block_size)
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.pool = KVPool(
+            cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, head_dim, model.dtype, self.device
+        )
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_batch_tokens,
+            max_session_tokens or cfg.max_position_embeddings,
+            evict_idle=evict_idle,
+        )
+        self.runner = ModelRunner(model, self.pool)
+        self.on_evict = on_evict
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.steps = 0
+        self.last_batch_tokens = 0
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # --- public API -------------------------------------------------------------------------------------------
+
+    async def prefill(
+        self, session_id: str, inputs_embeds: torch.Tensor, *, expected_kv_len: int | None = None
+    ) -> PrefillResult:
+        """Append `inputs_embeds` (T, D) to the session's KV (creating the session if new).
+
+        `expected_kv_len`: the KV length the caller believes the session has (0 = new session); a mismatch
+        (evicted, dropped, replica replaced) raises `SessionStateError` so the caller can rebuild first.
+        """
+        embeds = self._check_embeds(inputs_embeds)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[PrefillResult] = loop.create_future()
+
+        def put(item: Any) -> None:
+            if not fut.done():
+                fut.set_exception(item) if isinstance(item, BaseException) else fut.set_result(item)
+
+        self._submit(session_id, embeds, False, _Prefill(embeds, _threadsafe_sink(loop, put)), expected_kv_len)
+        return await fut
+
+    async def generate(
+        self,
+        session_id: str,
+        inputs_embeds: torch.Tensor,
+        params: SamplingParams,
+        spk_position: int | None = None,
+        *,
+        expected_kv_len: int | None = None,
+    ) -> AsyncIterator[GenEvent]:
+        """Prefill the assistant prefix `inputs_embeds` (T, D), then yield the answer's tokens one by one.
+
+        The first event carries the last-layer hidden state at row `spk_position` of the prefix (`<|spk|>`).
+        The last event has a `finish_reason`. Leaving the iteration early interrupts the answer.
+        """
+        embeds = self._check_embeds(inputs_embeds)
+        if spk_position is not None and not 0 <= spk_position < embeds.shape[0]:
+            raise EngineInputError(f"spk_position {spk_position} outside the prefix of {embeds.shape[0]} rows")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        work = _Generate(
+            embeds=embeds,
+            params=params,
+            generator=params.make_generator(self.device),
+            spk_position=spk_position,
+            deliver=_threadsafe_sink(loop, queue.put_nowait),
+        )
+        req = self._submit(session_id, embeds, True, work, expected_kv_len)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                with self._cv:
+                    self._interrupt_request(req)
+
+    def interrupt(self, session_id: str) -> bool:
+        """Stop the session's answer at the next step (its stream ends with finish_reason "interrupted").
+
+        Returns False when the session has no answer queued or running.
+        """
+        with self._cv:
+            hit = False
+            for r in self.scheduler.queued(session_id):
+                if r.decode and not r.finished:
+                    self._interrupt_request(r)
+                    hit = True
+            return hit
+
+    def drop(self, session_id: str) -> bool:
+        """Forget the session and free its KV; its queued or running requests fail with SessionDroppedError."""
+        with self._cv:
+            existed = self.blocks.has(session_id) or bool(self.scheduler.queued(session_id))
+            for r in self.scheduler.drop(session_id):
+                r.payload.deliver(SessionDroppedError(f"session {session_id!r} was dropped"))
+            return existed
+
+    def has_session(self, session_id: str) -> bool:
+        with self._cv:
+            return self.blocks.has(session_id)
+
+    def kv_len(self, session_id: str) -> int | None:
+        """Committed KV rows of the session, None if it has no KV here."""
+        with self._cv:
+            return self.blocks.num_tokens(session_id) if self.blocks.has(session_id) else None
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            s = self.scheduler.stats()
+            return {
+                "sessions": len(self.blocks.sessions()),
+                "active": s["decoding"] + s["prefilling"],
+                "decoding": s["decoding"],
+                "queue_depth": s["waiting"],
+                "kv_tokens_used": self.blocks.used_tokens,
+                "kv_tokens_reserved": (self.blocks.num_blocks - self.blocks.free_blocks) * self.blocks.block_size,
+                "kv_tokens_budget": self.blocks.capacity_tokens,
+                "evictions": self.scheduler.evictions,
+                "steps": self.steps,
+                "last_batch_tokens": self.last_batch_tokens,
+            }
+
+    # --- submission -------------------------------------------------------------------------------------------
+
+    def _check_embeds(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.hidden_size or x.shape[0] == 0:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise EngineInputError(f"inputs_embeds must be (T >= 1, {self.hidden_size}), got {shape}")
+        return x.detach().to(device=self.device, dtype=self.model.dtype)
+
+    def _submit(
+        self, session_id: str, embeds: torch.Tensor, decode: bool, work: Any, expected_kv_len: int | None
+    ) -> Request:
+        if self._thread is None:
+            raise RuntimeError("LLMEngine.start() was not called")
+        with self._cv:
+            req = self.scheduler.add(session_id, embeds.shape[0], decode, work, expected_kv_len)
+            self._cv.notify()
+        return req
+
+    def _interrupt_request(self, r: Request) -> None:
+        """Under the lock. A decoding answer ends now; one still prefilling its prefix ends when that is in."""
+        if r.finished:
+            return
+        if r.prefilling:
+            r.stopping = True
+        else:
+            self._finish(r, None, "interrupted")
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._running and not self.scheduler.has_work():
+                    self._cv.wait()
+                if not self._running:
+                    return
+                batch = self.scheduler.schedule()
+                for r, err in batch.failed:
+                    r.payload.deliver(err)
+                fwd = self._build(batch) if batch else None
+            for sid in batch.evicted:
+                if self.on_evict is not None:
+                    self.on_evict(sid)
+            if fwd is None:
+                continue
+            try:
+                logits, hidden = self.runner.forward(fwd)
+            except Exception as e:  # a failing step must not take the replica down: fail its requests only
+                with self._cv:
+                    for r in [*batch.decodes, *(c.request for c in batch.prefills)]:
+                        if not r.finished:
+                            self.scheduler.finish(r)
+                            r.payload.deliver(e)
+                continue
+            with self._cv:
+                self._apply(batch, logits, hidden)
+                self.steps += 1
+                self.last_batch_tokens = batch.num_tokens
+
+    def _build(self, batch: ScheduledBatch) -> ForwardBatch:
+        """Under the lock: the packed rows, positions and pool slots of a scheduled batch."""
+        blocks, bs, dev = self.blocks, self.blocks.block_size, self.device
+        embeds: list[torch.Tensor] = []
+        positions: list[int] = []
+        write_slots: list[int] = []
+        logit_rows: list[int] = []
+        hidden_rows: list[int] = []
+        decode_slot_index = decode_kv_lens = None
+        if batch.decodes:
+            sids = [r.session_id for r in batch.decodes]
+            lens = [blocks.num_tokens(s) for s in sids]
+            embeds.append(self.runner.embed_ids([r.payload.generated[-1] for r in batch.decodes]))
+            positions += lens
+            write_slots += [blocks.slots(s, n, 1)[0] for s, n in zip(sids, lens)]
+            logit_rows += range(len(sids))
+            decode_kv_lens = torch.tensor(lens, device=dev) + 1
+            decode_slot_index = self._slot_index([blocks.blocks(s) for s in sids], max(lens) + 1)
+        spans: list[PrefillSpan] = []
+        offset = len(positions)
+        for c in batch.prefills:
+            r, sid = c.request, c.request.session_id
+            embeds.append(r.payload.embeds[c.start : c.start + c.n])
+            positions += range(c.kv_start, c.kv_start + c.n)
+            write_slots += blocks.slots(sid, c.kv_start, c.n)
+            total = c.kv_start + c.n
+            spans.append(PrefillSpan(offset, c.n, c.kv_start, self._slot_index([blocks.blocks(sid)], total)[0]))
+            if c.last:
+                (logit_rows if r.decode else hidden_rows).append(offset + c.n - 1)
+            spk = getattr(r.payload, "spk_position", None)
+            if spk is not None and c.start <= spk < c.start + c.n:
+                hidden_rows.append(offset + spk - c.start)
+            offset += c.n
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        return ForwardBatch(
+            embeds=torch.cat(embeds),
+            positions=as_long(positions),
+            write_slots=as_long(write_slots),
+            num_decodes=len(batch.decodes),
+            decode_slot_index=decode_slot_index,
+            decode_kv_lens=decode_kv_lens,
+            prefills=spans,
+            logit_rows=as_long(logit_rows),
+            hidden_rows=as_long(hidden_rows),
+        )
+
+    def _slot_index(self, tables: list[list[int]], length: int) -> torch.Tensor:
+        """(B, length) pool slots of rows 0 .. length of each block table (padding rows point at slot 0)."""
+        bs = self.blocks.block_size
+        nb = -(-length // bs)
+        padded = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], dtype=torch.long)
+        slots = (padded[:, :, None] * bs + torch.arange(bs)).reshape(len(tables), nb * bs)[:, :length]
+        return slots.to(self.device)
+
+    def _apply(self, batch: ScheduledBatch, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Under the lock: commit the KV rows, deliver prefill results, sample and emit answer tokens."""
+        logit_i = hidden_i = 0
+        to_sample: list[tuple[Request, torch.Tensor]] = []
+        for r in batch.decodes:
+            if not r.finished:  # finished meanwhile (interrupt/drop): its row was never committed
+                self.scheduler.commit_decode(r)
+                to_sample.append((r, logits[logit_i]))
+            logit_i += 1
+        for c in batch.prefills:
+            r, work = c.request, c.request.payload
+            spk = getattr(work, "spk_position", None)
+            spk_here = spk is not None and c.start <= spk < c.start + c.n
+            if c.last and not r.decode:
+                work.last_hidden = hidden[hidden_i]
+                hidden_i += 1
+            if spk_here:
+                work.spk_hidden = hidden[hidden_i].clone()
+                hidden_i += 1
+            row = logits[logit_i] if c.last and r.decode else None
+            logit_i += row is not None
+            if r.finished:
+                continue
+            self.scheduler.commit_prefill(c)
+            if not c.last:
+                continue
+            if not r.decode:
+                self.scheduler.finish(r)
+                work.deliver(PrefillResult(self.blocks.num_tokens(r.session_id), work.last_hidden.clone()))
+            elif r.stopping:
+                self._finish(r, None, "interrupted")
+            else:
+                to_sample.append((r, row))
+        if to_sample:
+            self._sample(to_sample)
+
+    def _sample(self, rows: list[tuple[Request, torch.Tensor]]) -> None:
+        works: list[_Generate] = [r.payload for r, _ in rows]
+        ids = sample_next(
+            torch.stack([row for _, row in rows]),
+            [w.params for w in works],
+            [w.generated for w in works],
+            [w.generator for w in works],
+            stop_ids=sorted(self.stop_ids),
+        ).tolist()
+        for (r, _), w, tok in zip(rows, works, ids):
+            w.generated.append(tok)
+            kv = self.blocks.num_tokens(r.session_id)
+            if tok in self.stop_ids:
+                self._finish(r, tok, "stop")
+            elif len(w.generated) >= w.params.max_new_tokens or kv + 1 > self.scheduler.max_session_tokens:
+                self._finish(r, tok, "length")
+            else:
+                w.deliver(self._event(r, tok, None))
+
+    def _event(self, r: Request, tok: int | None, reason: str | None) -> GenEvent:
+        w: _Generate = r.payload
+        first = len(w.generated) == 1 and tok is not None
+        return GenEvent(
+            token_id=tok,
+            index=len(w.generated) - 1 if tok is not None else len(w.generated),
+            kv_len=self.blocks.num_tokens(r.session_id),
+            finish_reason=reason,
+            spk_hidden=w.spk_hidden if first else None,
+        )
+
+    def _finish(self, r: Request, tok: int | None, reason: str) -> None:
+        self.scheduler.finish(r)
+        r.payload.deliver(self._event(r, tok, reason))

@@ -1,0 +1,236 @@
+"""Continuous batching: which tokens of which sessions go into the next forward pass.
+
+Each session has a FIFO of requests (a prefill, or a generate = prefill of the assistant prefix then one decode
+token per step); only the head request of a session runs, so a session's inputs enter its KV in order. Every
+step takes the decode token of every answering session first (they are latency-bound and cost one token each),
+then fills the rest of `max_batch_tokens` with prefill chunks in arrival order (chunked prefill: a long prompt
+is split across steps so it never stalls the decoders for long).
+
+KV is reserved here, before the forward pass, and committed by the engine after it. When the pool is full, idle
+sessions (no queued work) are evicted least-recently-used first if `evict_idle`; the caller rebuilds them from
+their replay log. If there is still no room, the request fails with `EngineFullError`.
+
+Pure bookkeeping (no tensors): the request payload is opaque here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.llm_core.engine.kv_cache import BlockManager, EngineFullError
+
+
+class SessionStateError(KeyError):
+    """The session's KV is not what the caller expects (evicted, dropped, or never created): rebuild it."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ContextLengthError(ValueError):
+    """The session would grow past the longest KV the engine serves for one session."""
+
+
+@dataclass(eq=False)
+class Request:
+    session_id: str
+    prompt_len: int  # rows of inputs_embeds to prefill
+    decode: bool  # after the prompt, decode one token per step until the engine finishes it
+    seq: int  # arrival order
+    expected_kv_len: int | None = None  # checked when the request starts; 0 = must be a new session
+    payload: Any = None
+    prefilled: int = 0
+    started: bool = False
+    stopping: bool = False  # interrupted while prefilling: finish as soon as the prompt is in
+    finished: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < self.prompt_len
+
+
+@dataclass
+class PrefillChunk:
+    request: Request
+    start: int  # offset in the request's prompt
+    n: int
+    kv_start: int  # the session's KV position of the chunk's first row
+
+    @property
+    def last(self) -> bool:
+        return self.start + self.n == self.request.prompt_len
+
+
+@dataclass
+class ScheduledBatch:
+    decodes: list[Request] = field(default_factory=list)  # each adds one row at KV position kv_len(session)
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    failed: list[tuple[Request, Exception]] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(c.n for c in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_batch_tokens: int,
+        max_session_tokens: int,
+        evict_idle: bool = True,
+    ):
+        if max_batch_tokens <= 0:
+            raise ValueError(f"max_batch_tokens must be > 0, got {max_batch_tokens}")
+        self.blocks = blocks
+        self.max_batch_tokens = max_batch_tokens
+        self.max_session_tokens = max_session_tokens
+        self.evict_idle = evict_idle
+        self._queues: dict[str, deque[Request]] = {}
+        self._seq = itertools.count()
+        self.evictions = 0
+
+    # --- requests ---------------------------------------------------------------------------------------------
+
+    def add(
+        self, session_id: str, prompt_len: int, decode: bool, payload: Any = None, expected_kv_len: int | None = None
+    ) -> Request:
+        if prompt_len <= 0 and not decode:
+            raise ValueError("a prefill needs at least one input row")
+        if prompt_len <= 0 and decode:
+            raise ValueError("generate needs at least one row of assistant prefix to predict from")
+        req = Request(session_id, prompt_len, decode, next(self._seq), expected_kv_len, payload)
+        self._queues.setdefault(session_id, deque()).append(req)
+        return req
+
+    def has_work(self) -> bool:
+        return bool(self._queues)
+
+    def queued(self, session_id: str) -> list[Request]:
+        return list(self._queues.get(session_id, ()))
+
+    def head(self, session_id: str) -> Request | None:
+        q = self._queues.get(session_id)
+        return q[0] if q else None
+
+    def is_idle(self, session_id: str) -> bool:
+        return session_id not in self._queues
+
+    def stats(self) -> dict[str, int]:
+        heads = [q[0] for q in self._queues.values()]
+        return {
+            "decoding": sum(1 for r in heads if r.decode and not r.prefilling),
+            "prefilling": sum(1 for r in heads if r.prefilling and r.started),
+            "waiting": sum(len(q) for q in self._queues.values()) - sum(1 for r in heads if r.started),
+        }
+
+    # --- one step ---------------------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        heads = sorted((q[0] for q in self._queues.values()), key=lambda r: r.seq)
+        for r in heads:
+            if r.decode and not r.prefilling and not r.finished:
+                if len(batch.decodes) >= self.max_batch_tokens:
+                    break
+                if self._reserve(r, 1, batch):
+                    batch.decodes.append(r)
+        budget = self.max_batch_tokens - len(batch.decodes)
+        for r in heads:
+            if budget <= 0:
+                break
+            if not r.prefilling or r.finished:
+                continue
+            if not r.started and not self._start(r, batch):
+                continue
+            n = min(r.prompt_len - r.prefilled, budget)
+            if self._reserve(r, n, batch):
+                batch.prefills.append(PrefillChunk(r, r.prefilled, n, self.blocks.num_tokens(r.session_id)))
+                budget -= n
+        return batch
+
+    def _start(self, r: Request, batch: ScheduledBatch) -> bool:
+        """First scheduling of a request: check what the caller expects, create the session's KV if new."""
+        sid = r.session_id
+        have = self.blocks.num_tokens(sid) if self.blocks.has(sid) else None
+        error: Exception | None = None
+        if r.expected_kv_len is not None and r.expected_kv_len != (have or 0):
+            if have is None:
+                error = SessionStateError(
+                    f"session {sid!r} has no KV on this replica (evicted, dropped or never created); "
+                    f"rebuild it from its replay log"
+                )
+            else:
+                error = SessionStateError(
+                    f"session {sid!r} holds {have} KV tokens, caller expected {r.expected_kv_len}"
+                )
+        elif (have or 0) + r.prompt_len > self.max_session_tokens:
+            error = ContextLengthError(
+                f"session {sid!r} would hold {(have or 0) + r.prompt_len} tokens, over the limit of "
+                f"{self.max_session_tokens}; start a new session"
+            )
+        if error is not None:
+            batch.failed.append((r, error))
+            self.finish(r)
+            return False
+        if have is None:
+            self.blocks.create(sid)
+        r.started = True
+        return True
+
+    def _reserve(self, r: Request, n: int, batch: ScheduledBatch) -> bool:
+        sid = r.session_id
+        need = self.blocks.blocks_needed(sid, n)
+        if need > self.blocks.free_blocks and self.evict_idle:
+            for victim in self.blocks.lru_order():
+                if self.blocks.free_blocks >= need:
+                    break
+                if victim != sid and self.is_idle(victim):
+                    self.blocks.free(victim)
+                    self.evictions += 1
+                    batch.evicted.append(victim)
+        try:
+            self.blocks.reserve(sid, n)
+        except EngineFullError as e:
+            batch.failed.append((r, e))
+            self.finish(r)
+            return False
+        return True
+
+    # --- after the forward ------------------------------------------------------------------------------------
+
+    def commit_prefill(self, chunk: PrefillChunk) -> None:
+        r = chunk.request
+        self.blocks.commit(r.session_id, chunk.n)
+        r.prefilled += chunk.n
+
+    def commit_decode(self, r: Request) -> None:
+        self.blocks.commit(r.session_id, 1)
+
+    def finish(self, r: Request) -> None:
+        """Retire a head request (done, failed, interrupted). A session left empty and idle is removed."""
+        r.finished = True
+        sid = r.session_id
+        q = self._queues.get(sid)
+        if q is None or not q or q[0] is not r:
+            return
+        q.popleft()
+        if not q:
+            del self._queues[sid]
+            if self.blocks.has(sid) and self.blocks.num_tokens(sid) == 0:
+                self.blocks.free(sid)
+
+    def drop(self, session_id: str) -> list[Request]:
+        """Forget a session: free its KV; returns its unfinished requests (the caller fails them)."""
+        pending = list(self._queues.pop(session_id, ()))
+        for r in pending:
+            r.finished = True
+        self.blocks.free(session_id)
+        return pending
