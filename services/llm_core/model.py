@@ -29,6 +29,22 @@ class SpliceError(ValueError):
     """Encoder outputs that do not fit the placeholder bounds of the prompt."""
 
 
+def sequential_pieces(bounds: Sequence[tuple[int, int]], embeds: torch.Tensor) -> list[Piece]:
+    """Cut `embeds` (N, D) into consecutive rows for `bounds`, in order, as upstream fills them.
+
+    Images: all slices of all images, each slice's query rows in turn; audio (chunked input): every audio's
+    tokens concatenated, filling the 1 s chunk bounds one after another.
+    """
+    need = sum(e - s for s, e in bounds)
+    if embeds.shape[0] != need:
+        raise SpliceError(f"{embeds.shape[0]} embedding rows for placeholders of {need} tokens in total")
+    pieces, row = [], 0
+    for s, e in bounds:
+        pieces.append((s, e, embeds[row : row + e - s]))
+        row += e - s
+    return pieces
+
+
 def qwen2_config(cfg: LLMConfig) -> Qwen2Config:
     """The transformers config of the backbone, with SDPA attention (what upstream runs)."""
     qcfg = Qwen2Config(

@@ -1,0 +1,268 @@
+"""Parity of the prompt builder and the LLM backbone with upstream (golden cases e1..e4, f, j, k).
+
+Prompts are built by our own builder from the case messages (image sizes from the input files, audio lengths
+from the wavs); embeddings of images/audio are the golden rows spliced at OUR bounds, so this module checks
+the prompt + splice + backbone independently of the encoders.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from services.common.checkpoint import UNUSED_AT_INFERENCE
+from services.common.config import real_config
+from services.gateway.prompts import (
+    AudioRef,
+    ImageRef,
+    Message,
+    PlaceholderSettings,
+    PromptError,
+    StreamingPromptState,
+    assistant_prefix,
+    build_chat_prompt,
+    build_streaming_prefill,
+    system_prompt,
+)
+from services.gateway.tokenizer import SpecialTokens, load_tokenizer
+from services.llm_core.generate import generate_solo
+from services.llm_core.model import LLMModel, build_llm_model, load_llm_model, sequential_pieces
+from services.llm_core.sampling import GREEDY
+from services.vision_encoder.processor import ImageProcessorConfig
+
+E_CASES = ["e1_text_only", "e2_image_text", "e3_audio_text", "e4_omni_units"]
+
+
+@pytest.fixture(scope="module")
+def model(golden) -> LLMModel:
+    return load_llm_model(golden.checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(golden):
+    return load_tokenizer(golden.checkpoint)
+
+
+@pytest.fixture(scope="module")
+def image_cfg(golden) -> ImageProcessorConfig:
+    return ImageProcessorConfig.from_model_dir(golden.checkpoint)
+
+
+def to_message(golden, msg: dict) -> Message:
+    """A cases.json message as our Message: images by their file's size, audio by the wav's length."""
+    content = []
+    for c in msg["content"]:
+        if isinstance(c, str):
+            content.append(c)
+        elif "image" in c:
+            with Image.open(golden.path(c["image"])) as im:
+                content.append(ImageRef(size_wh=im.size, key=c["image"]))
+        else:
+            content.append(AudioRef(num_samples=len(golden.wav(c["audio"])), key=c["audio"]))
+    return Message(msg["role"], content)
+
+
+def golden_pieces(prompt, golden_embeds: torch.Tensor):
+    """Splice the reference encoder rows found at our bounds (their token rows are our own embeddings)."""
+    bounds = prompt.image_bounds + prompt.audio_bounds
+    return [(s, e, golden_embeds[s:e]) for s, e in bounds]
+
+
+def bounds_tensor(bounds) -> torch.Tensor:
+    return torch.tensor(bounds, dtype=torch.long).reshape(-1, 2)
+
+
+def check_logits(golden, prefix: str, logits: torch.Tensor) -> None:
+    top2 = logits.topk(2, dim=-1).values
+    golden.check(f"{prefix}.logits_last8", logits[-8:])
+    golden.check(f"{prefix}.logits_argmax", logits.argmax(-1))
+    golden.check(f"{prefix}.logits_max", top2[:, 0])
+    golden.check(f"{prefix}.logits_top2_margin", top2[:, 0] - top2[:, 1])
+    golden.check(f"{prefix}.logits_logsumexp", logits.logsumexp(-1))
+
+
+def chat_prompt(golden, tokenizer, image_cfg, case: str):
+    c = golden.cases[case]
+    kw = dict(c["chat_kwargs"])
+    settings = PlaceholderSettings.chat(image_cfg, kw.get("max_slice_nums"), kw.get("use_image_id"))
+    msgs = [to_message(golden, m) for m in c["msgs"]]
+    return build_chat_prompt(
+        msgs, tokenizer, settings, omni_input=kw.get("omni_input", False),
+        use_tts_template=kw.get("use_tts_template", False),
+    )
+
+
+@pytest.mark.parametrize("case", E_CASES)
+def test_chat_prompt_ids_and_bounds(golden, tokenizer, image_cfg, case):
+    p = chat_prompt(golden, tokenizer, image_cfg, case)
+    assert p.rendered == golden.cases[case]["prompt_after_template"]
+    golden.check(f"e.{case}.input_ids", torch.tensor([p.input_ids]))
+    golden.check(f"e.{case}.image_bound", bounds_tensor(p.image_bounds))
+    golden.check(f"e.{case}.audio_bounds", bounds_tensor(p.audio_bounds))
+    golden.check(f"e.{case}.spk_bounds", bounds_tensor(p.spk_bounds))
+
+
+@pytest.mark.parametrize("case", E_CASES)
+def test_chat_forward_and_greedy(golden, tokenizer, image_cfg, model, case):
+    p = chat_prompt(golden, tokenizer, image_cfg, case)
+    pre = f"e.{case}"
+    embeds = model.embed(torch.tensor(p.input_ids), golden_pieces(p, golden[f"{pre}.inputs_embeds"]))
+    golden.check(f"{pre}.inputs_embeds", embeds)
+    spk = p.spk_bounds[-1][0] if p.spk_bounds else None
+    sp = SpecialTokens.from_tokenizer(tokenizer)
+    res = generate_solo(model, embeds, GREEDY.with_(max_new_tokens=12), sp.stop_ids, spk_position=spk)
+    logits, _ = model.step(embeds, model.new_cache())
+    check_logits(golden, pre, logits)
+    golden.check(f"{pre}.last_hidden_state", res.prompt_hidden)
+    golden.check(f"{pre}.generated_ids", torch.tensor(res.ids))
+    golden.check(f"{pre}.generated_step_logits", res.step_logits)
+    if f"{pre}.spk_embeds" in golden.names(case):
+        golden.check(f"{pre}.spk_embeds", res.spk_hidden.unsqueeze(0))
+
+
+def test_sequential_pieces_fill_bounds_in_order(golden, tokenizer, image_cfg, model):
+    """Audio of a message fills its 1 s chunk bounds one after another from the concatenated embeddings."""
+    case = "e4_omni_units"
+    p = chat_prompt(golden, tokenizer, image_cfg, case)
+    ref = golden[f"e.{case}.inputs_embeds"]
+    img = torch.cat([ref[s:e] for s, e in p.image_bounds])
+    aud = torch.cat([ref[s:e] for s, e in p.audio_bounds])
+    pieces = sequential_pieces(p.image_bounds, img) + sequential_pieces(p.audio_bounds, aud)
+    golden.check(f"e.{case}.inputs_embeds", model.embed(torch.tensor(p.input_ids), pieces))
+
+
+def test_streaming_session(golden, tokenizer, image_cfg, model):
+    c = golden.cases["f_streaming_session"]
+    sp = SpecialTokens.from_tokenizer(tokenizer)
+    state = StreamingPromptState()
+    settings = PlaceholderSettings.streaming(image_cfg)
+    cache = model.new_cache()
+    for i, pf in enumerate(c["prefills"]):
+        msg = to_message(golden, pf["msg"])
+        if i == 0:  # the session opens with the omni system prompt carrying the reference voice
+            ref = next(x for x in msg.parts() if isinstance(x, AudioRef))
+            assert system_prompt("omni", "en", ref) == msg
+        p = build_streaming_prefill(msg, state, tokenizer, settings)
+        assert p.rendered == pf["prompt_text"]
+        assert len(p) == pf["n_tokens"]
+        assert [list(b) for b in p.image_bounds] == pf["image_bound"]
+        assert [list(b) for b in p.audio_bounds] == pf["audio_bounds"]
+        golden.check(f"f.prefill{i}.input_ids", torch.tensor([p.input_ids]))
+        embeds = model.embed(torch.tensor(p.input_ids), golden_pieces(p, golden[f"f.prefill{i}.inputs_embeds"]))
+        golden.check(f"f.prefill{i}.inputs_embeds", embeds)
+        model.step(embeds, cache)
+        assert cache.get_seq_length() == pf["llm_kv_len_after"]
+
+    prefix = assistant_prefix(tokenizer)
+    assert prefix.text == c["assistant_prefix"]
+    golden.check("f.assistant_prefix_ids", torch.tensor(prefix.input_ids))
+    assert [list(b) for b in prefix.spk_bounds] == [c["spk_bound_in_prefix"]]
+
+    # upstream generates in calls of 3 tokens, feeding the last id back with the cache: replay that exactly
+    state.on_generate()
+    ids, step_logits = [], []
+    inputs = model.embed(torch.tensor(prefix.input_ids))
+    for k, call in enumerate(c["generate_calls"]):
+        assert cache.get_seq_length() == call["past_len"] and inputs.shape[0] == call["input_len"]
+        res = generate_solo(
+            model, inputs, GREEDY.with_(max_new_tokens=3), sp.stop_ids,
+            spk_position=prefix.spk_bounds[0][0] if k == 0 else None, cache=cache,
+        )
+        assert res.ids == call["new_ids"]
+        if k == 0:
+            golden.check("f.prefix_last_hidden_state", res.prompt_hidden)
+            golden.check("f.spk_hidden", res.spk_hidden.unsqueeze(0))
+        ids += res.ids
+        step_logits.append(res.step_logits)
+        inputs = model.embed(torch.tensor(res.ids[-1:]))
+    assert cache.get_seq_length() == c["llm_kv_len_final"]
+    golden.check("f.generated_ids", torch.tensor(ids))
+    golden.check("f.generated_step_logits", torch.cat(step_logits))
+
+
+def test_streaming_turn_prefixes_after_answers(tokenizer, image_cfg):
+    """After a finished answer the next user turn closes it; after an interrupted one it also ends the speech."""
+    settings = PlaceholderSettings.streaming(image_cfg)
+    state = StreamingPromptState()
+    build_streaming_prefill(system_prompt("omni", "en"), state, tokenizer, settings)
+    assert build_streaming_prefill(Message("user", ["a"]), state, tokenizer, settings).rendered == "<|im_start|>user\na"
+    assert build_streaming_prefill(Message("user", ["b"]), state, tokenizer, settings).rendered == "b"
+    state.on_generate()
+    state.on_generate_end(stopped_on_eos=True)
+    p = build_streaming_prefill(Message("user", ["c"]), state, tokenizer, settings)
+    assert p.rendered == "<|im_end|>\n<|im_start|>user\nc"
+    state.on_generate()
+    state.on_generate_end(stopped_on_eos=False)
+    p = build_streaming_prefill(Message("user", ["d"]), state, tokenizer, settings)
+    assert p.rendered == "<|tts_eos|><|im_end|>\n<|im_start|>user\nd"
+
+
+def test_system_prompts(golden):
+    ref = AudioRef(num_samples=16000)
+    for key, expected in golden.cases["j_sys_prompts"]["prompts"].items():
+        fields = dict(kv.split("=") for kv in key.split(","))
+        audio = ref if fields["ref_audio"] != "None" else None
+        if "error" in expected:
+            with pytest.raises(PromptError, match="voice_cloning"):
+                system_prompt(fields["mode"], fields["language"], audio)
+            continue
+        msg = system_prompt(fields["mode"], fields["language"], audio)
+        assert msg.role == expected["role"]
+        got = ["<ref_audio ndarray>" if isinstance(x, AudioRef) else x for x in msg.parts()]
+        assert got == expected["content"], key
+
+
+def test_tokenizer(golden, tokenizer):
+    k = golden.cases["k_tokenizers"]
+    for text, ids in k["llm"].items():
+        assert tokenizer.encode(text) == ids, text
+    for tok, i in k["llm_special_ids"].items():
+        assert tokenizer.convert_tokens_to_ids(tok) == i, tok
+    assert len(tokenizer) == k["llm_len"]
+    sp = SpecialTokens.from_tokenizer(tokenizer)
+    for name, s in SpecialTokens.STRINGS.items():
+        if s in k["llm_special_ids"]:
+            assert getattr(sp, name) == k["llm_special_ids"][s], s
+
+
+def test_official_keys_at_real_size(golden):
+    """At the real config (meta device) the backbone's state dict is exactly the official `llm.` tensors."""
+    official = json.loads((golden.root / "official_keys.json").read_text())["shapes"]
+    expected = {
+        k: tuple(v) for k, v in official.items() if k.startswith("llm.") and not k.startswith(tuple(UNUSED_AT_INFERENCE))
+    }
+    model = build_llm_model(real_config(), device="meta")
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected
+
+
+def test_batched_prefill_and_decode_equal_solo(golden, model):
+    """Right-padded prompts of different lengths in one forward, then one batched decode step, match the
+    solo references of every case (same golden rules)."""
+    embeds = [golden[f"e.{c}.inputs_embeds"] for c in E_CASES]
+    lens = [e.shape[0] for e in embeds]
+    T, B = max(lens), len(embeds)
+    batch = torch.zeros(B, T, model.hidden_size)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, e in enumerate(embeds):
+        batch[b, : lens[b]] = e
+        mask[b, : lens[b]] = 1
+    cache = model.new_cache()
+    out = model.forward(batch, cache=cache, attention_mask=mask)
+    for b, case in enumerate(E_CASES):
+        n = lens[b]
+        golden.check(f"e.{case}.logits_last8", out.logits[b, n - 8 : n])
+        golden.check(f"e.{case}.last_hidden_state", out.hidden[b, :n])
+    first = torch.stack([golden[f"e.{c}.generated_ids"][0] for c in E_CASES])
+    step_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+    step = model.forward(
+        model.embed_tokens(first).unsqueeze(1), cache=cache, attention_mask=step_mask,
+        position_ids=torch.tensor(lens).unsqueeze(1),
+    )
+    for b, case in enumerate(E_CASES):
+        ref = golden[f"e.{case}.generated_step_logits"]
+        err = (step.logits[b, 0] - ref[1]).abs().max().item()
+        assert err <= golden.specs[f"e.{case}.generated_step_logits"]["compare"]["atol"], (case, err)
