@@ -1,0 +1,139 @@
+"""Session-affinity router on a REAL local Ray Serve: 3 replicas, 20 sessions, one replica per session; a killed
+replica's sessions move exactly once (to its replacement) and no other session moves.
+
+The deployment here is a tiny echo (the router is pure routing logic; the model deployments use the same router
+through ``affinity_router_config``). Reuses a Ray already started by the test session (F1's cluster fixture);
+otherwise starts its own for this module and shuts it down after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import defaultdict
+
+import pytest
+import ray
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from services.common.routing import SessionAffinityReplica, affinity_router_config, owner_rank
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+APP = "routing-test"
+N_REPLICAS = 3
+SESSIONS = [f"session-{i:02d}" for i in range(20)]
+
+
+@serve.deployment(
+    num_replicas=N_REPLICAS,
+    max_ongoing_requests=2,  # small, so concurrent requests find the owner busy and must back off
+    ray_actor_options={"num_cpus": 0.1},
+    health_check_period_s=1,
+    health_check_timeout_s=5,
+    request_router_config=affinity_router_config(
+        request_router_kwargs={"missing_rank_patience_s": 120.0}, request_routing_stats_period_s=0.5
+    ),
+)
+class Echo(SessionAffinityReplica):
+    def __init__(self) -> None:
+        ctx = serve.get_replica_context()
+        self.replica = ctx.replica_id.unique_id
+        self.actor_name = ray.get_runtime_context().get_actor_name()
+
+    async def __call__(self, session_id: str, hold_s: float = 0.0) -> tuple[str, str, int]:
+        if hold_s:
+            await asyncio.sleep(hold_s)  # simulated work so replicas are busy while others queue
+        return self.replica, self.actor_name, serve.get_replica_context().rank.rank
+
+
+@pytest.fixture(scope="module")
+def echo_handle():
+    started_here = not ray.is_initialized()
+    if started_here:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    handle = serve.run(Echo.bind(), name=APP, route_prefix=None)
+    yield handle
+    serve.delete(APP)
+    if started_here:
+        serve.shutdown()
+        ray.shutdown()
+
+
+async def call(handle, session_id: str, hold_s: float = 0.0, timeout_s: float = 90.0) -> tuple[str, str, int]:
+    """One session call, retried the way the gateway retries: a call caught on a dying replica fails with
+    ActorDiedError and Serve does not retry it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await handle.options(session_id=session_id).remote(session_id, hold_s)
+        except (ActorDiedError, ActorUnavailableError, RayActorError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def wait_for_ranks(handle, timeout_s: float = 60.0) -> None:
+    """Until every replica is up and has published its rank (routing is then deterministic)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = {r for _, _, r in await asyncio.gather(*(call(handle, s) for s in SESSIONS))}
+        if seen == set(range(N_REPLICAS)):
+            return
+        assert time.monotonic() < deadline, f"only ranks {seen} answered"
+        await asyncio.sleep(0.1)
+
+
+async def serve_rounds(handle, rounds: int, hold_s: float) -> dict[str, list[tuple[str, str, int]]]:
+    """Every session sends ``rounds`` concurrent requests per round; returns who served each, in order."""
+    served: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+    for _ in range(rounds):
+        results = await asyncio.gather(*(call(handle, s, hold_s) for s in SESSIONS for _ in range(2)))
+        for (sid, _), res in zip(((s, k) for s in SESSIONS for k in range(2)), results):
+            served[sid].append(res)
+    return served
+
+
+def test_owner_rank_is_stable_and_spreads():
+    assert owner_rank("abc", range(3)) == owner_rank("abc", [0, 1, 2])
+    counts = defaultdict(int)
+    for i in range(3000):
+        counts[owner_rank(f"s{i}", range(3))] += 1
+    assert set(counts) == {0, 1, 2} and min(counts.values()) > 800
+    # growing 3 -> 4 slots only moves sessions onto the new slot
+    moved = [i for i in range(3000) if owner_rank(f"s{i}", range(3)) != owner_rank(f"s{i}", range(4))]
+    assert all(owner_rank(f"s{i}", range(4)) == 3 for i in moved) and 500 < len(moved) < 1000
+
+
+def test_each_session_one_replica_and_a_killed_replica_moves_only_its_sessions_once(echo_handle):
+    async def scenario():
+        await wait_for_ranks(echo_handle)
+        before = await serve_rounds(echo_handle, rounds=3, hold_s=0.02)
+        owner = {}
+        for sid, hits in before.items():
+            assert len({replica for replica, _, _ in hits}) == 1, f"{sid} was split: {hits}"
+            owner[sid] = hits[0]
+        assert len({o[0] for o in owner.values()}) == N_REPLICAS  # sessions spread over every replica
+
+        # kill the replica that owns the most sessions (by its actor)
+        by_replica = defaultdict(list)
+        for sid, (replica, actor_name, rank) in owner.items():
+            by_replica[(replica, actor_name, rank)].append(sid)
+        (victim, victim_actor, victim_rank), victim_sessions = max(by_replica.items(), key=lambda kv: len(kv[1]))
+        ray.kill(ray.get_actor(victim_actor, namespace="serve"), no_restart=True)
+
+        after = await serve_rounds(echo_handle, rounds=3, hold_s=0.02)
+        for sid, hits in after.items():
+            replicas = [replica for replica, _, _ in hits]
+            if sid in victim_sessions:
+                # moved once: every request after the kill went to one new replica, the dead one's replacement
+                assert len(set(replicas)) == 1 and replicas[0] != victim, f"{sid}: {hits}"
+                assert {rank for _, _, rank in hits} == {victim_rank}
+            else:
+                assert set(replicas) == {owner[sid][0]}, f"{sid} moved although its replica lived: {hits}"
+        assert len({after[s][0][0] for s in victim_sessions}) == 1  # all of them went to the same replacement
+
+    asyncio.run(scenario())
