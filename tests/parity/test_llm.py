@@ -28,6 +28,7 @@ from services.gateway.prompts import (
     system_prompt,
 )
 from services.gateway.tokenizer import SpecialTokens, load_tokenizer
+from services.llm_core.detokenize import IncrementalDetokenizer
 from services.llm_core.generate import generate_solo
 from services.llm_core.model import LLMModel, build_llm_model, load_llm_model, sequential_pieces
 from services.llm_core.sampling import GREEDY
@@ -121,6 +122,11 @@ def test_chat_forward_and_greedy(golden, tokenizer, image_cfg, model, case):
     golden.check(f"{pre}.generated_step_logits", res.step_logits)
     if f"{pre}.spk_embeds" in golden.names(case):
         golden.check(f"{pre}.spk_embeds", res.spk_hidden.unsqueeze(0))
+    # upstream's answer text; it also drops id 0 ("!"), which we deliberately keep, so feed it the same ids
+    detok = IncrementalDetokenizer(tokenizer, drop_ids=sp.stop_ids)
+    detok.push(i for i in res.ids if i != 0)
+    detok.finish()
+    assert detok.text.replace("<|tts_eos|>", "") == golden.cases[case]["answer_text"]
 
 
 def test_sequential_pieces_fill_bounds_in_order(golden, tokenizer, image_cfg, model):
@@ -164,6 +170,7 @@ def test_streaming_session(golden, tokenizer, image_cfg, model):
     # upstream generates in calls of 3 tokens, feeding the last id back with the cache: replay that exactly
     state.on_generate()
     ids, step_logits = [], []
+    detok = IncrementalDetokenizer(tokenizer, drop_ids=sp.stop_ids)
     inputs = model.embed(torch.tensor(prefix.input_ids))
     for k, call in enumerate(c["generate_calls"]):
         assert cache.get_seq_length() == call["past_len"] and inputs.shape[0] == call["input_len"]
@@ -177,6 +184,7 @@ def test_streaming_session(golden, tokenizer, image_cfg, model):
             golden.check("f.spk_hidden", res.spk_hidden.unsqueeze(0))
         ids += res.ids
         step_logits.append(res.step_logits)
+        assert detok.push(i for i in res.ids if i != 0) == c["yielded_texts"][k]
         inputs = model.embed(torch.tensor(res.ids[-1:]))
     assert cache.get_seq_length() == c["llm_kv_len_final"]
     golden.check("f.generated_ids", torch.tensor(ids))
