@@ -238,7 +238,7 @@ def _chattts_vocab() -> list[str]:
     cjk = list(dict.fromkeys(c for c in CORPUS_ZH if "\u4e00" <= c <= "\u9fff"))
     return [
         *BERT_SPECIALS, *string.punctuation, *CJK_PUNCTUATION, *string.digits, *string.ascii_lowercase,
-        *(f"##{c}" for c in string.ascii_lowercase), *top_words, *CHATTTS_WORDPIECE_SUFFIXES, *cjk,
+        *(f"##{c}" for c in string.ascii_lowercase + string.digits), *top_words, *CHATTTS_WORDPIECE_SUFFIXES, *cjk,
     ]
 
 
