@@ -26,7 +26,11 @@ How the owner is chosen
 Public API
 ----------
 ``SessionAffinityRouter``: the ``RequestRouter`` subclass (kwargs via ``request_router_kwargs``:
-    ``missing_rank_patience_s`` (default 30.0)). ``owner_rank(session_id, n_slots) -> int`` is the pure slot choice.
+    ``missing_rank_patience_s`` (default 30.0)); usable by path ``"services.common.routing:SessionAffinityRouter"``.
+    A deployment that does not publish ranks still gets one replica per session (rendezvous over replica ids,
+    with a warning), but then a dead replica's replacement also takes ~1/n of the other sessions.
+``owner_rank(session_id, ranks) -> rank``: the pure rendezvous choice. ``RankSlots``: the pure slot bookkeeping
+    (``owner(session_id, live_ranks, now) -> rank | None``).
 ``SessionAffinityReplica``: mixin for the routed deployment classes (LLMCore, AudioEncoder): publishes the
     replica's rank through ``record_routing_stats`` (refreshed, follows rank changes) and
     ``record_replica_metadata`` (available the moment the replica is ready). Adds nothing else.
@@ -40,17 +44,21 @@ Serve does not retry them: the caller retries (idempotently) and the retry lands
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 RANK_KEY = "rank"
+T = TypeVar("T", int, str)
+logger = logging.getLogger("ray.serve")
 
 
-def owner_rank(session_id: str, ranks: range | list[int] | set[int]) -> int:
+def owner_rank(session_id: str, ranks: Iterable[T]) -> T:
     """Rendezvous (highest-random-weight) choice of a rank for a session: stable, uniform, minimal movement."""
     return max(ranks, key=lambda r: (hashlib.blake2b(f"{session_id}\x00{r}".encode(), digest_size=8).digest(), r))
 
@@ -65,44 +73,68 @@ def _published_rank(replica: RunningReplica) -> int | None:
     return None
 
 
-class SessionAffinityRouter(RequestRouter):
-    def initialize_state(self, missing_rank_patience_s: float = 30.0, **kwargs: Any) -> None:
-        self._patience_s = float(missing_rank_patience_s)
-        self._n_slots = 0
+class RankSlots:
+    """Pure bookkeeping of which rank owns a session, given the ranks alive at each moment (no Ray, no I/O)."""
+
+    def __init__(self, missing_rank_patience_s: float = 30.0) -> None:
+        self.patience_s = float(missing_rank_patience_s)
+        self.n_slots = 0
         self._missing_since: dict[int, float] = {}
 
-    def _live_ranks(self, candidates: list[RunningReplica]) -> dict[int, RunningReplica]:
+    def _update(self, live: set[int], now: float) -> None:
+        self.n_slots = max(self.n_slots, max(live) + 1)
+        for slot in range(self.n_slots):
+            if slot in live:
+                self._missing_since.pop(slot, None)
+            else:
+                self._missing_since.setdefault(slot, now)
+        # trailing slots gone longer than the patience: the deployment shrank
+        while self.n_slots - 1 not in live and now - self._missing_since[self.n_slots - 1] > self.patience_s:
+            self._missing_since.pop(self.n_slots - 1)
+            self.n_slots -= 1
+
+    def owner(self, session_id: str, live: set[int], now: float) -> int | None:
+        """The live rank that serves ``session_id``, or None to wait for a missing rank's replacement."""
+        if not live:
+            return None
+        self._update(live, now)
+        slot = owner_rank(session_id, range(self.n_slots))
+        if slot in live:
+            return slot
+        if now - self._missing_since[slot] <= self.patience_s:
+            return None
+        return owner_rank(session_id, live)
+
+
+class SessionAffinityRouter(RequestRouter):
+    def initialize_state(self, missing_rank_patience_s: float = 30.0, **kwargs: Any) -> None:
+        self._slots = RankSlots(missing_rank_patience_s)
+        self._warned_no_ranks = False
+
+    def owner(self, session_id: str, candidates: list[RunningReplica]) -> RunningReplica | None:
+        """The one replica that serves ``session_id`` now, or None while its rank's replacement is starting."""
         live: dict[int, RunningReplica] = {}
         for replica in sorted(candidates, key=lambda r: r.replica_id.unique_id):
             rank = _published_rank(replica)
             if rank is not None and rank not in live:  # two claimants during a reassignment: keep one, stably
                 live[rank] = replica
-        return live
-
-    def _update_slots(self, live: dict[int, RunningReplica], now: float) -> None:
-        self._n_slots = max(self._n_slots, max(live) + 1)
-        for slot in range(self._n_slots):
-            if slot in live:
-                self._missing_since.pop(slot, None)
-            else:
-                self._missing_since.setdefault(slot, now)
-        while self._n_slots - 1 not in live and now - self._missing_since[self._n_slots - 1] > self._patience_s:
-            self._missing_since.pop(self._n_slots - 1)
-            self._n_slots -= 1
-
-    def owner(self, session_id: str, candidates: list[RunningReplica]) -> RunningReplica | None:
-        """The one replica that serves ``session_id`` now, or None while its rank's replacement is starting."""
-        live = self._live_ranks(candidates)
-        if not live:
+        if live:
+            rank = self._slots.owner(session_id, set(live), time.monotonic())
+            return None if rank is None else live[rank]
+        if not candidates:
             return None
-        now = time.monotonic()
-        self._update_slots(live, now)
-        slot = owner_rank(session_id, range(self._n_slots))
-        if slot in live:
-            return live[slot]
-        if now - self._missing_since[slot] <= self._patience_s:
-            return None
-        return live[owner_rank(session_id, set(live))]
+        # The deployment publishes no ranks (no SessionAffinityReplica mixin): still one replica per session, by
+        # rendezvous over replica ids; but a dead replica's sessions then move to the survivors, and about 1/n of
+        # all sessions move again when its replacement (a new id) appears.
+        if not self._warned_no_ranks:
+            self._warned_no_ranks = True
+            logger.warning(
+                "%s replicas publish no rank; routing sessions by replica id. Mix SessionAffinityReplica into "
+                "the deployment class so a dead replica's sessions move once, to its replacement.",
+                self._deployment_id,
+            )
+        by_id = {r.replica_id.unique_id: r for r in candidates}
+        return by_id[owner_rank(session_id, by_id)]
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
