@@ -10,7 +10,6 @@ tokenized, and the bounds of those rows are read off the token ids.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerFast
 
+from services.audio_encoder.processor import audio_placeholder
 from services.gateway.tokenizer import SpecialTokens
 from services.vision_encoder.processor import ImageProcessorConfig, image_placeholder, slice_layout
 
@@ -89,24 +89,20 @@ class Prompt:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def audio_clips(self) -> list[list[int]]:
+        """Indices of the audios encoded together: upstream joins consecutive audios of one message into a
+        single clip before Whisper (`audio_parts`); the clips' embeddings, concatenated in order, fill
+        `audio_bounds` one after another."""
+        clips: list[list[int]] = []
+        for i, m in enumerate(self.audio_messages):
+            if clips and self.audio_messages[clips[-1][-1]] == m:
+                clips[-1].append(i)
+            else:
+                clips.append([i])
+        return clips
+
 
 # --- placeholders -----------------------------------------------------------------------------------------------
-
-
-def _audio_placeholder(num_samples: int, chunk_input: bool = True, unk: str = "<unk>") -> str:
-    """`get_audio_placeholder`: one <|audio_start|>unk*n<|audio_end|> per 1 s chunk (25 tokens) when chunked."""
-    frames = math.ceil(num_samples / 160)  # Whisper hop length
-    frames = (frames - 1) // 2 + 1  # conv2 stride 2
-    n_tokens = (frames - 2) // 2 + 1  # avg-pool step 2 (upstream hard-codes 2)
-    if not chunk_input:
-        return f"<|audio_start|>{unk * n_tokens}<|audio_end|>"
-    per_chunk = ((100 - 1) // 2 + 1 - 2) // 2 + 1  # 1 s = 100 mel frames -> 25 tokens
-    out, done = [], 0
-    while done < n_tokens:
-        n = min(per_chunk, n_tokens - done)
-        out.append(f"<|audio_start|>{unk * n}<|audio_end|>")
-        done += n
-    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -149,7 +145,7 @@ def expand_placeholders(text: str, images: Sequence[ImageRef], audios: Sequence[
             chunks[k] = image_placeholder(layout, i, ps.use_image_id, ps.image.query_num)
             i += 1
         elif c == AUDIO_TAG:
-            chunks[k] = _audio_placeholder(audios[j].num_samples, ps.chunk_input)
+            chunks[k] = audio_placeholder(audios[j].num_samples, ps.chunk_input)
             j += 1
     return "".join(chunks)
 

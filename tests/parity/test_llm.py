@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -274,3 +275,86 @@ def test_batched_prefill_and_decode_equal_solo(golden, model):
         ref = golden[f"e.{case}.generated_step_logits"]
         err = (step.logits[b, 0] - ref[1]).abs().max().item()
         assert err <= golden.specs[f"e.{case}.generated_step_logits"]["compare"]["atol"], (case, err)
+
+
+# --- end to end: the real encoders' outputs spliced at our bounds -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vision(golden):
+    from services.vision_encoder.encoder import VisionEncoder
+
+    return VisionEncoder(golden.checkpoint)
+
+
+@pytest.fixture(scope="module")
+def audio(golden):
+    from services.audio_encoder.encoder import AudioEncoder
+
+    return AudioEncoder(golden.checkpoint)
+
+
+def encoder_pieces(golden, prompt, vision, audio, max_slice_nums, stream=None):
+    """Pieces from the real encoders: images sliced as the prompt says, audio clips joined per message
+    (offline), or chunk by chunk through a Whisper stream state (streaming)."""
+    from services.audio_encoder.processor import join_parts
+
+    pieces, tgt_sizes = [], None
+    if prompt.images:
+        pre = vision.preprocess([Image.open(golden.path(im.key)) for im in prompt.images], max_slice_nums)
+        tgt_sizes = torch.as_tensor(np.concatenate([p.tgt_sizes for p in pre]))
+        rows = torch.cat([e.embeddings for e in vision.encode_preprocessed(pre)])
+        pieces += sequential_pieces(prompt.image_bounds, rows)
+    if prompt.audios:
+        wavs = [golden.wav(a.key) for a in prompt.audios]
+        if stream is None:
+            clips = [join_parts([wavs[i] for i in group]) for group in prompt.audio_clips()]
+            rows = torch.cat(audio.encode(clips))
+        else:
+            rows = torch.cat([audio.encode_chunk(stream, w) for w in wavs])
+        pieces += sequential_pieces(prompt.audio_bounds, rows)
+    return pieces, tgt_sizes
+
+
+@pytest.mark.parametrize("case", ["e2_image_text", "e3_audio_text", "e4_omni_units"])
+def test_chat_end_to_end_with_encoders(golden, tokenizer, image_cfg, model, vision, audio, case):
+    p = chat_prompt(golden, tokenizer, image_cfg, case)
+    pre = f"e.{case}"
+    pieces, tgt_sizes = encoder_pieces(golden, p, vision, audio, golden.cases[case]["chat_kwargs"].get("max_slice_nums"))
+    if tgt_sizes is not None:
+        golden.check(f"{pre}.tgt_sizes", tgt_sizes)
+    embeds = model.embed(torch.tensor(p.input_ids), pieces)
+    golden.check(f"{pre}.inputs_embeds", embeds)
+    sp = SpecialTokens.from_tokenizer(tokenizer)
+    spk = p.spk_bounds[-1][0] if p.spk_bounds else None
+    res = generate_solo(model, embeds, GREEDY.with_(max_new_tokens=12), sp.stop_ids, spk_position=spk)
+    golden.check(f"{pre}.last_hidden_state", res.prompt_hidden)
+    golden.check(f"{pre}.generated_ids", torch.tensor(res.ids))
+    golden.check(f"{pre}.generated_step_logits", res.step_logits)
+    if spk is not None:
+        golden.check(f"{pre}.spk_embeds", res.spk_hidden.unsqueeze(0))
+
+
+def test_streaming_session_end_to_end_with_encoders(golden, tokenizer, image_cfg, model, vision, audio):
+    """The system prompt's voice uses a Whisper stream dropped after it; the user units share a new one."""
+    c = golden.cases["f_streaming_session"]
+    sp = SpecialTokens.from_tokenizer(tokenizer)
+    state, settings, cache = StreamingPromptState(), PlaceholderSettings.streaming(image_cfg), model.new_cache()
+    stream = None
+    for i, pf in enumerate(c["prefills"]):
+        p = build_streaming_prefill(to_message(golden, pf["msg"]), state, tokenizer, settings)
+        if i <= 1:
+            stream = audio.new_stream()
+        pieces, _ = encoder_pieces(golden, p, vision, audio, settings.max_slice_nums, stream=stream)
+        embeds = model.embed(torch.tensor(p.input_ids), pieces)
+        golden.check(f"f.prefill{i}.inputs_embeds", embeds)
+        model.step(embeds, cache)
+    prefix = assistant_prefix(tokenizer)
+    res = generate_solo(
+        model, model.embed(torch.tensor(prefix.input_ids)), GREEDY.with_(max_new_tokens=12), sp.stop_ids,
+        spk_position=prefix.spk_bounds[0][0], cache=cache,
+    )
+    golden.check("f.prefix_last_hidden_state", res.prompt_hidden)
+    golden.check("f.spk_hidden", res.spk_hidden.unsqueeze(0))
+    golden.check("f.generated_ids", torch.tensor(res.ids))
+    golden.check("f.generated_step_logits", res.step_logits)
