@@ -47,7 +47,10 @@ Limits: ``max_tokens`` (default 8192, upstream's context reset point) is the ses
 that would pass it is REFUSED with ``SessionLimitExceeded`` (-> RESOURCE_EXHAUSTED, "close the session and start
 a new one") rather than silently resetting the conversation as the upstream demo does: a client must know its
 context is gone. ``max_replay_entries`` and ``max_replay_bytes`` bound the log's size in Redis the same way.
-Because the log must hold everything the KV holds, its bound IS the session's bound.
+Because the log must hold everything the KV holds, its bound IS the session's bound. Sizing at the real model
+(hidden 3584, bf16 embeddings): 8192 tokens x 7 KiB ~ 59 MB, plus ~64 KB of PCM per second if the audio stage logs
+raw audio: ~65 MB of Redis per live session at the token cap, hence the 128 MiB default byte cap (the token
+limit stays the binding one); lower it with fewer, smaller sessions in mind, never below what ``max_tokens`` needs.
 
 Turn state: ``idle`` (created, only the system prompt) -> ``user_turn`` (inputs being appended) ->
 ``answering`` -> ``answered`` | ``interrupted`` -> ``user_turn`` ...; ``set_turn`` applies a transition
@@ -57,7 +60,7 @@ with ``<|im_end|>\\n<|im_start|>user\\n``, after "interrupted" with ``<|tts_eos|
 Public API (all coroutine methods; ``redis.asyncio`` client)
 ----------
 ``SessionStore(client, namespace="minicpmo", ttl_s=600, max_tokens=8192, max_replay_entries=4096,
-max_replay_bytes=64 MiB)``, ``SessionStore.from_url(url, **kw)``, ``aclose()``.
+max_replay_bytes=128 MiB)``, ``SessionStore.from_url(url, **kw)``, ``aclose()``.
 ``create(owner, mode, language, options=None, session_id=None) -> SessionRecord``
 ``get(sid) -> SessionRecord`` (``SessionNotFound``), ``get_owned(sid, owner) -> SessionRecord`` (also
 ``auth.PermissionDenied``), ``touch(sid) -> bool``, ``set_turn(sid, turn) -> str`` (previous turn; ``InvalidTurn``)
@@ -278,7 +281,7 @@ return 0
 """
 
 # ARGV: ttl, now, fenced (0/1), role index, replica id, epoch, max_tokens, max_entries, max_bytes,
-#       n_entries, add_tokens, add_bytes, entry_1 .. entry_n -> 'OK' or an error reply naming the limit.
+#       n_entries, add_tokens, add_bytes, entry_1 .. entry_n -> the record (HGETALL) or an error naming the limit.
 _LUA_APPEND = _LUA_REFRESH + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('GONE') end
 if ARGV[3] == '1' then
@@ -297,7 +300,7 @@ if bytes > tonumber(ARGV[9]) then return redis.error_reply('LIMIT bytes ' .. h[3
 for i = 13, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('HSET', KEYS[1], 'tokens', tokens, 'replay_entries', entries, 'replay_bytes', bytes, 'updated_at', ARGV[2])
 refresh(tonumber(ARGV[1]))
-return 'OK'
+return redis.call('HGETALL', KEYS[1])
 """
 
 # ARGV: ttl, now, new turn, allowed-previous (space separated) -> previous turn, or error 'GONE' / 'TURN <prev>'.
@@ -321,7 +324,7 @@ class SessionStore:
         ttl_s: int = 600,
         max_tokens: int = 8192,
         max_replay_entries: int = 4096,
-        max_replay_bytes: int = 64 << 20,
+        max_replay_bytes: int = 128 << 20,
     ) -> None:
         if ttl_s < 1:
             raise SessionInputError(f"ttl_s must be >= 1 second, got {ttl_s}")
@@ -479,10 +482,10 @@ class SessionStore:
             *blobs,
         ]  # fmt: skip
         try:
-            await self._append(keys=self.keys(session_id), args=args)
+            flat = await self._append(keys=self.keys(session_id), args=args)
         except aioredis.ResponseError as e:
             raise self._translate(e, session_id, fence) from None
-        return await self.get(session_id)
+        return SessionRecord.from_hash(session_id, dict(zip(flat[::2], flat[1::2])))
 
     async def replay(self, session_id: str) -> list[ReplayEntry]:
         keys = SessionKeys(self.namespace, session_id)
