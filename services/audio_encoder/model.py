@@ -158,5 +158,7 @@ class AudioModel(nn.Module):
     def embed(self, hidden: torch.Tensor, enc_lens: torch.Tensor) -> list[torch.Tensor]:
         """Projector -> AvgPool1d -> trim each item to its token count: list of (n_tokens, llm_hidden)."""
         proj = self.audio_projection_layer(hidden)
+        if proj.shape[1] < self.pool_step:  # a clip this short has 0 tokens (upstream's AvgPool1d would raise)
+            return [proj[b, :0] for b in range(proj.shape[0])]
         pooled = self.pool(proj.transpose(1, 2)).transpose(1, 2)
         return [pooled[b, : pooled_tokens(int(n), self.pool_step)] for b, n in enumerate(enc_lens)]
