@@ -71,6 +71,7 @@ max_replay_bytes=128 MiB)``, ``SessionStore.from_url(url, **kw)``, ``aclose()``.
 ``delete(sid) -> bool``, ``missing(sids) -> set[str]``, ``keys(sid) -> list[str]`` (``SessionKeys``)
 Errors: ``SessionError`` base; ``SessionNotFound`` (NOT_FOUND), ``SessionLimitExceeded`` (RESOURCE_EXHAUSTED),
 ``LeaseLost`` (the replica must drop its state; the gateway retries -> UNAVAILABLE if it persists),
+``StoreUnavailable`` (Redis unreachable -> UNAVAILABLE, retryable),
 ``InvalidTurn`` (FAILED_PRECONDITION), ``SessionInputError(ValueError)`` (INVALID_ARGUMENT).
 """
 
@@ -80,11 +81,13 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
 
 from services.gateway.auth import check_owner
 
@@ -119,6 +122,10 @@ class LeaseLost(SessionError):
 
 class InvalidTurn(SessionError):
     """A turn transition that the conversation state does not allow (e.g. interrupt while idle)."""
+
+
+class StoreUnavailable(SessionError):
+    """Redis cannot be reached (down, restarting, network): retryable."""
 
 
 class SessionInputError(ValueError):
@@ -343,8 +350,12 @@ class SessionStore:
         self._set_turn = client.register_script(_LUA_SET_TURN)
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> SessionStore:
-        return cls(aioredis.Redis.from_url(url, decode_responses=False), **kwargs)
+    def from_url(cls, url: str, socket_timeout_s: float = 5.0, **kwargs: Any) -> SessionStore:
+        # Bounded socket waits: with Redis gone a call fails with StoreUnavailable instead of hanging an RPC.
+        client = aioredis.Redis.from_url(
+            url, decode_responses=False, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
+        )
+        return cls(client, **kwargs)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -371,13 +382,15 @@ class SessionStore:
             "options": json.dumps(options or {}),
         }  # fmt: skip
         flat = [x for kv in fields.items() for x in kv]
-        created = await self._create(keys=[SessionKeys(self.namespace, sid).record], args=[self.ttl_s, *flat])
+        with self._errors(sid):
+            created = await self._create(keys=[SessionKeys(self.namespace, sid).record], args=[self.ttl_s, *flat])
         if not created:
             raise SessionInputError(f"session {sid!r} already exists")
         return await self.get(sid)
 
     async def get(self, session_id: str) -> SessionRecord:
-        h = await self.client.hgetall(SessionKeys(self.namespace, session_id).record)
+        with self._errors(session_id):
+            h = await self.client.hgetall(SessionKeys(self.namespace, session_id).record)
         if not h:
             raise SessionNotFound(session_id)
         return SessionRecord.from_hash(session_id, h)
@@ -388,53 +401,48 @@ class SessionStore:
         return record
 
     async def touch(self, session_id: str) -> bool:
-        return bool(await self._touch(keys=self.keys(session_id), args=[self.ttl_s, repr(time.time())]))
+        with self._errors(session_id):
+            return bool(await self._touch(keys=self.keys(session_id), args=[self.ttl_s, repr(time.time())]))
 
     async def set_turn(self, session_id: str, turn: str) -> str:
         if turn not in TURN_STATES:
             raise SessionInputError(f"unknown turn state {turn!r}; one of {TURN_STATES}")
         allowed = " ".join(prev for prev, nxt in TURN_TRANSITIONS.items() if turn in nxt)
-        try:
-            prev = await self._set_turn(
-                keys=self.keys(session_id), args=[self.ttl_s, repr(time.time()), turn, allowed]
-            )
-        except aioredis.ResponseError as e:
-            raise self._translate(e, session_id) from None
+        with self._errors(session_id):
+            prev = await self._set_turn(keys=self.keys(session_id), args=[self.ttl_s, repr(time.time()), turn, allowed])
         return prev.decode()
 
     async def delete(self, session_id: str) -> bool:
-        return await self.client.delete(*self.keys(session_id)) > 0
+        with self._errors(session_id):
+            return await self.client.delete(*self.keys(session_id)) > 0
 
     async def missing(self, session_ids: Iterable[str]) -> set[str]:
         ids = list(session_ids)
         if not ids:
             return set()
-        async with self.client.pipeline(transaction=False) as pipe:
-            for sid in ids:
-                pipe.exists(SessionKeys(self.namespace, sid).record)
-            found = await pipe.execute()
+        with self._errors(ids[0]):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for sid in ids:
+                    pipe.exists(SessionKeys(self.namespace, sid).record)
+                found = await pipe.execute()
         return {sid for sid, n in zip(ids, found) if not n}
 
     # ---- ownership ------------------------------------------------------------------------------------------
 
     async def acquire(self, session_id: str, role: str, replica_id: str) -> Fence:
         idx = self._role_index(role)
-        try:
+        with self._errors(session_id):
             epoch, took = await self._acquire(
                 keys=self.keys(session_id), args=[self.ttl_s, repr(time.time()), idx, replica_id]
             )
-        except aioredis.ResponseError as e:
-            raise self._translate(e, session_id) from None
         return Fence(session_id, role, replica_id, int(epoch), took_over=bool(took))
 
     async def check(self, fence: Fence) -> bool:
-        try:
+        with self._errors(fence.session_id):
             ok = await self._check(
                 keys=self.keys(fence.session_id),
                 args=[self._role_index(fence.role), fence.replica_id, fence.epoch],
             )
-        except aioredis.ResponseError as e:
-            raise self._translate(e, fence.session_id) from None
         return bool(ok)
 
     async def require(self, fence: Fence) -> None:
@@ -445,16 +453,18 @@ class SessionStore:
             )
 
     async def release(self, fence: Fence) -> bool:
-        return bool(
-            await self._release(
-                keys=self.keys(fence.session_id),
-                args=[self._role_index(fence.role), fence.replica_id, fence.epoch],
+        with self._errors(fence.session_id):
+            return bool(
+                await self._release(
+                    keys=self.keys(fence.session_id),
+                    args=[self._role_index(fence.role), fence.replica_id, fence.epoch],
+                )
             )
-        )
 
     async def lease(self, session_id: str, role: str) -> Fence | None:
         self._role_index(role)
-        h = await self.client.hgetall(SessionKeys(self.namespace, session_id).lease(role))
+        with self._errors(session_id):
+            h = await self.client.hgetall(SessionKeys(self.namespace, session_id).lease(role))
         if b"owner" not in h:
             return None
         return Fence(session_id, role, h[b"owner"].decode(), int(h[b"epoch"]))
@@ -481,18 +491,17 @@ class SessionStore:
             len(blobs), sum(e.n_tokens for e in batch), sum(len(b) for b in blobs),
             *blobs,
         ]  # fmt: skip
-        try:
+        with self._errors(session_id, fence):
             flat = await self._append(keys=self.keys(session_id), args=args)
-        except aioredis.ResponseError as e:
-            raise self._translate(e, session_id, fence) from None
         return SessionRecord.from_hash(session_id, dict(zip(flat[::2], flat[1::2])))
 
     async def replay(self, session_id: str) -> list[ReplayEntry]:
         keys = SessionKeys(self.namespace, session_id)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.exists(keys.record)
-            pipe.lrange(keys.log, 0, -1)
-            exists, blobs = await pipe.execute()
+        with self._errors(session_id):
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.exists(keys.record)
+                pipe.lrange(keys.log, 0, -1)
+                exists, blobs = await pipe.execute()
         if not exists:
             raise SessionNotFound(session_id)
         return [ReplayEntry.from_bytes(b) for b in blobs]
@@ -505,7 +514,17 @@ class SessionStore:
             raise SessionInputError(f"unknown role {role!r}; one of {ROLES}")
         return 3 + ROLES.index(role)  # KEYS[3] / KEYS[4] in SessionKeys.all()
 
-    def _translate(self, err: aioredis.ResponseError, session_id: str, fence: Fence | None = None) -> Exception:
+    @contextmanager
+    def _errors(self, session_id: str, fence: Fence | None = None) -> Iterator[None]:
+        """Redis errors as the session errors callers map to gRPC codes."""
+        try:
+            yield
+        except redis_errors.ResponseError as e:
+            raise self._translate(e, session_id, fence) from None
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
+            raise StoreUnavailable(f"session store (Redis) unreachable: {e}; retry shortly") from e
+
+    def _translate(self, err: redis_errors.ResponseError, session_id: str, fence: Fence | None = None) -> Exception:
         msg = str(err)
         if msg.startswith("GONE"):
             return SessionNotFound(session_id)

@@ -49,7 +49,7 @@ class TDMInputError(ValueError):
     """A live-session input the muxer cannot place; the message says what to change."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on numpy arrays is ambiguous; units are identified by seq
 class Unit:
     seq: int
     start_s: float

@@ -17,8 +17,9 @@ from services.gateway.sessions import (
     SessionLimitExceeded,
     SessionNotFound,
     SessionStore,
+    StoreUnavailable,
 )
-from tests.servers import redis_server, redis_url  # noqa: F401  (real redis-server fixtures)
+from tests.servers import RedisServer, redis_server, redis_url  # noqa: F401  (real redis-server fixtures)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -211,3 +212,26 @@ async def test_concurrent_sessions_are_isolated(store):
         assert rec.owner == key_hash(f"k{i}") and rec.tokens == 4 and rec.turn == "user_turn"
         assert [e.payload for e in await store.replay(sid)] == expected
         assert (await store.lease(sid, "llm")).replica_id == f"replica-{i % 3}"
+
+
+async def test_redis_loss_is_a_retryable_error_not_a_hang():
+    server = RedisServer.start()
+    store = SessionStore.from_url(server.url, socket_timeout_s=2.0)
+    try:
+        sid = (await store.create(ALICE, "omni", "en")).session_id
+        fence = await store.acquire(sid, "llm", "r")
+        server.stop()
+        started = time.monotonic()
+        for call in (
+            store.get(sid),
+            store.acquire(sid, "llm", "r"),
+            store.append_replay(sid, ReplayEntry("unit", 1, b""), fence=fence),
+            store.replay(sid),
+            store.missing([sid]),
+        ):
+            with pytest.raises(StoreUnavailable, match="unreachable"):
+                await call
+        assert time.monotonic() - started < 30
+    finally:
+        await store.aclose()
+        server.stop()
