@@ -178,6 +178,34 @@ def build_llm_model(
     return LLMModel(cfg.llm if isinstance(cfg, ModelConfig) else cfg, device=device, dtype=dtype)
 
 
+def random_llm_model(
+    cfg: ModelConfig | LLMConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> LLMModel:
+    """An LLMModel with random weights (benchmarks of configs that have no checkpoint, e.g. `small_config()`).
+
+    Scales keep activations O(1) through the depth: linear weights N(0, 1/fan_in), embeddings N(0, 1), norms 1.
+    """
+    model = build_llm_model(cfg, device=device, dtype=dtype)
+    model.llm.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02, generator=gen)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 1.0, generator=gen)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+    model.llm.to(dtype=dtype)
+    model.materialize_buffers()
+    return model
+
+
 def load_llm_model(
     model_dir: str | os.PathLike,
     device: str | torch.device = "cpu",

@@ -31,7 +31,7 @@ from services.gateway.prompts import (
 from services.gateway.tokenizer import SpecialTokens, load_tokenizer
 from services.llm_core.detokenize import IncrementalDetokenizer
 from services.llm_core.generate import generate_solo
-from services.llm_core.model import LLMModel, build_llm_model, load_llm_model, sequential_pieces
+from services.llm_core.model import LLMModel, build_llm_model, load_llm_model, random_llm_model, sequential_pieces
 from services.llm_core.sampling import GREEDY
 from services.vision_encoder.processor import ImageProcessorConfig
 
@@ -358,3 +358,24 @@ def test_streaming_session_end_to_end_with_encoders(golden, tokenizer, image_cfg
     golden.check("f.spk_hidden", res.spk_hidden.unsqueeze(0))
     golden.check("f.generated_ids", torch.tensor(res.ids))
     golden.check("f.generated_step_logits", res.step_logits)
+
+
+def test_bf16_backbone_runs_close_to_fp32(golden, model):
+    """The dtype is a constructor argument (bf16 on GPU); on CPU bf16 stays near the fp32 reference."""
+    bf16 = load_llm_model(golden.checkpoint, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    embeds = golden["e.e1_text_only.inputs_embeds"]
+    lo16, h16 = bf16.step(embeds, bf16.new_cache())
+    lo32, _ = model.step(embeds, model.new_cache())
+    assert h16.dtype == torch.bfloat16 and lo16.dtype == torch.float32
+    assert (lo16 - lo32).abs().max() < 0.05 * lo32.abs().max()
+
+
+def test_random_weights_model_matches_the_checkpoint_layout(golden):
+    from services.common.config import ModelConfig
+
+    rnd = random_llm_model(ModelConfig.from_model_dir(golden.checkpoint), seed=1)
+    ref = load_llm_model(golden.checkpoint)
+    assert {k: v.shape for k, v in rnd.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    logits, _ = rnd.step(rnd.embed(torch.tensor([1, 2, 3])), rnd.new_cache())
+    assert logits.shape == (3, rnd.vocab_size) and torch.isfinite(logits).all()
