@@ -1,0 +1,112 @@
+"""`minicpmo bench vision`: images/s and per-image latency of `VisionEncoder.encode`, batched vs one at a time.
+
+Workload: 640x480 JPEG frames with max_slice_nums=1, i.e. one ~448² slice per image (1024 patches), the live
+video case where frames of many sessions arrive together. For N in 1, 4, 16 images: "batched" is one `encode`
+call with all N (slices share forward passes); "one-at-a-time" is N calls of one image. Decode and slicing are
+included in the times.
+
+- images_per_s: N / total wall time.
+- latency_ms: mean wall time of the call that returns an image (batched: the whole call, since all N come back
+  together; one-at-a-time: one call).
+- speedup: batched images/s over one-at-a-time images/s at the same N.
+
+Configs: "tiny" is the golden checkpoint (`$GOLDEN_DIR/checkpoint`, else a freshly generated tiny one); "small" is
+`small_config()` with random weights (real depth and head dims, 1/8 widths). fp32 on CPU, bf16 on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from services.common.config import small_config
+from services.vision_encoder.encoder import VisionEncoder
+from services.vision_encoder.model import build_vision_model
+from services.vision_encoder.processor import ImageProcessorConfig
+
+IMAGE_COUNTS = (1, 4, 16)
+FRAME_WH = (640, 480)
+MAX_SLICE_NUMS = 1
+
+
+def tiny_checkpoint_dir() -> Path:
+    golden = Path(os.environ.get("GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
+    if (golden / "checkpoint" / "config.json").is_file():
+        return golden / "checkpoint"
+    from services.common.tiny_checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="minicpmo-tiny-")))
+
+
+def build_encoder(config: str, device: str, dtype: torch.dtype) -> VisionEncoder:
+    if config == "tiny":
+        return VisionEncoder(tiny_checkpoint_dir(), device=device, dtype=dtype)
+    if config == "small":
+        cfg = small_config()
+        torch.manual_seed(0)
+        model = build_vision_model(cfg, device=device, dtype=dtype)
+        return VisionEncoder.from_model(
+            model, ImageProcessorConfig.from_model_config(cfg), cfg.vision_batch_size, device, dtype
+        )
+    raise ValueError(f"unknown bench config {config!r}; use tiny or small")
+
+
+def frames(n: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        pixels = rng.integers(0, 256, (FRAME_WH[1], FRAME_WH[0], 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _timed(fn: Callable[[], object], device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_config(config: str, device: str, reps: int) -> list[dict]:
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    encoder = build_encoder(config, device, dtype)
+    images = frames(max(IMAGE_COUNTS))
+    slices = encoder.encode(images[:2], MAX_SLICE_NUMS)[0].layout.n_slices  # also the warm-up
+    rows = []
+    for n in IMAGE_COUNTS:
+        batch = images[:n]
+        batched = statistics.median(_timed(lambda: encoder.encode(batch, MAX_SLICE_NUMS), device) for _ in range(reps))
+        per_call: list[float] = []
+        for _ in range(reps):
+            per_call.extend(_timed(lambda im=im: encoder.encode([im], MAX_SLICE_NUMS), device) for im in batch)
+        single = statistics.median(per_call)
+        common = {"config": config, "device": device, "dtype": str(dtype).removeprefix("torch."), "images": n,
+                  "slices_per_image": slices, "batch_size": encoder.batch_size}
+        rows.append({**common, "mode": "batched", "images_per_s": n / batched, "latency_ms": batched * 1e3,
+                     "speedup": single * n / batched})
+        rows.append({**common, "mode": "one-at-a-time", "images_per_s": 1 / single, "latency_ms": single * 1e3,
+                     "speedup": 1.0})
+    return rows
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    reps = 1 if args.quick else 3
+    rows = []
+    for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        rows.extend(bench_config(config, args.device, reps))
+    return rows
