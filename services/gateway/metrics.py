@@ -1,0 +1,67 @@
+"""Custom Prometheus metrics of the pipeline, exported the way Ray Serve exports custom metrics
+(`ray.serve.metrics`: scraped from each node's metrics agent, tagged with deployment and replica).
+
+Per-stage latency and queue depth are recorded by every deployment (`stage` tag); the answer-level metrics
+(time to first token / audio, speech real-time factor, active sessions) by the gateway.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+_LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+STAGE_LATENCY = Histogram(
+    "minicpmo_stage_latency_s",
+    description="Seconds one call of a pipeline stage took (encode, prefill, tts chunk, ...).",
+    boundaries=_LATENCY_S,
+    tag_keys=("stage",),
+)
+QUEUE_DEPTH = Gauge(
+    "minicpmo_stage_queue_depth",
+    description="Requests waiting or running in a stage replica (LLM: engine queue).",
+    tag_keys=("stage",),
+)
+TTFT = Histogram(
+    "minicpmo_time_to_first_token_s",
+    description="Seconds from request arrival at the gateway to the first answer token.",
+    boundaries=_LATENCY_S,
+)
+TTFA = Histogram(
+    "minicpmo_time_to_first_audio_s",
+    description="Seconds from request arrival at the gateway to the first audio chunk.",
+    boundaries=_LATENCY_S,
+)
+SPEECH_RTF = Histogram(
+    "minicpmo_speech_rtf",
+    description="Real-time factor of an answer's speech: wall seconds per second of audio (< 1 is faster than real time).",
+    boundaries=[0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0],
+)
+ACTIVE_SESSIONS = Gauge(
+    "minicpmo_active_sessions",
+    description="Live sessions open on this gateway replica's view (created minus closed/expired).",
+)
+REQUESTS = Counter(
+    "minicpmo_requests_total",
+    description="Public RPCs received.",
+    tag_keys=("rpc",),
+)
+ERRORS = Counter(
+    "minicpmo_errors_total",
+    description="Public RPCs that failed, by gRPC status code.",
+    tag_keys=("rpc", "code"),
+)
+ANSWER_TOKENS = Counter("minicpmo_answer_tokens_total", description="Answer tokens streamed to clients.")
+
+
+@contextmanager
+def stage_timer(stage: str):
+    """Record the wall time of the enclosed block as one call of `stage`."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        STAGE_LATENCY.observe(time.perf_counter() - t0, tags={"stage": stage})

@@ -1,0 +1,132 @@
+"""Ray Serve deployments `TTSDecoder` (ConditionalChatTTS, optionally with DVAE + Vocos) and `Vocoder` (DVAE +
+Vocos alone, for when the vocoder should scale apart from the TTS backbone).
+
+An utterance's state (TTS KV, code history, vocoder overlap) stays in the replica that started it: the gateway
+routes every call of an utterance by its id (session affinity). Chunks carry their 4-codebook codes beside the
+audio, so a client may ask for codes, audio or both.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray import serve
+
+from protos.minicpmo.v1 import tts_pb2
+from services.common.routing import SessionAffinityReplica, affinity_router_config
+from services.common.tensor_codec import from_proto, to_proto
+from services.gateway.stage import device_alive, limit_threads, off_loop, replica_dtype
+
+SAMPLE_RATE = 24000
+
+
+class UtteranceNotFound(LookupError):
+    """The utterance was never started here, finished, or was evicted."""
+
+
+def _chunks_msg(chunks) -> tts_pb2.SpeechChunks:
+    out = tts_pb2.SpeechChunks()
+    for c in chunks:
+        msg = out.chunks.add(codes=to_proto(c.codes), sample_rate=c.sample_rate or SAMPLE_RATE, text=c.text or "")
+        if c.audio is not None:
+            import torch
+
+            msg.audio.CopyFrom(to_proto(torch.from_numpy(c.audio)))
+    return out
+
+
+@serve.deployment(
+    name="TTSDecoder",
+    max_ongoing_requests=32,
+    ray_actor_options={"num_cpus": 0.5},
+    health_check_period_s=10,
+    request_router_config=affinity_router_config(),
+)
+class TTSDecoder(SessionAffinityReplica):
+    def __init__(self, model_dir: str, device: str = "cpu", with_vocoder: bool = True, max_utterances: int = 64):
+        from services.tts_decoder.streaming import TTSDecoder as Decoder
+
+        limit_threads()
+        self.device = device
+        self.decoder = Decoder(model_dir, device=device, dtype=replica_dtype(device), vocoder=with_vocoder)
+        self.with_vocoder = with_vocoder
+        self.utterances: dict[str, tuple[Any, float]] = {}
+        self.max_utterances = max_utterances
+
+    def _state(self, utterance_id: str):
+        entry = self.utterances.get(utterance_id)
+        if entry is None:
+            raise UtteranceNotFound(f"utterance {utterance_id} is not active on this TTS replica")
+        self.utterances[utterance_id] = (entry[0], time.monotonic())
+        return entry[0]
+
+    async def Start(self, request: tts_pb2.StartUtteranceRequest) -> tts_pb2.StartUtteranceResponse:
+        if len(self.utterances) >= self.max_utterances:  # drop the stalest (an abandoned stream)
+            stalest = min(self.utterances, key=lambda k: self.utterances[k][1])
+            del self.utterances[stalest]
+        state = await off_loop(
+            self.decoder.start,
+            from_proto(request.spk_hidden).float(),
+            greedy=request.greedy,
+            seed=request.seed if request.HasField("seed") else None,
+        )
+        self.utterances[request.utterance_id] = (state, time.monotonic())
+        return tts_pb2.StartUtteranceResponse()
+
+    async def PushText(self, request: tts_pb2.PushTextRequest) -> tts_pb2.SpeechChunks:
+        state = self._state(request.utterance_id)
+        return _chunks_msg(await off_loop(self.decoder.push_text, state, request.text))
+
+    async def Finish(self, request: tts_pb2.UtteranceRef) -> tts_pb2.SpeechChunks:
+        state = self._state(request.utterance_id)
+        try:
+            return _chunks_msg(await off_loop(self.decoder.finish, state))
+        finally:
+            self.utterances.pop(request.utterance_id, None)
+
+    async def Cancel(self, request: tts_pb2.UtteranceRef) -> tts_pb2.CancelReply:
+        return tts_pb2.CancelReply(cancelled=self.utterances.pop(request.utterance_id, None) is not None)
+
+    def check_health(self) -> None:
+        device_alive(self.device)
+
+
+@serve.deployment(
+    name="Vocoder",
+    max_ongoing_requests=32,
+    ray_actor_options={"num_cpus": 0.25},
+    health_check_period_s=10,
+    request_router_config=affinity_router_config(),
+)
+class Vocoder(SessionAffinityReplica):
+    def __init__(self, model_dir: str, device: str = "cpu", max_streams: int = 64):
+        from services.tts_decoder.vocoder import Vocoder as Voc
+
+        limit_threads()
+        self.device = device
+        self.vocoder = Voc(model_dir, device=device, dtype=replica_dtype(device))
+        self.streams: dict[str, tuple[Any, float]] = {}
+        self.max_streams = max_streams
+
+    async def Decode(self, request: tts_pb2.DecodeRequest) -> tts_pb2.DecodeResponse:
+        import torch
+
+        uid = request.utterance_id
+        entry = self.streams.get(uid)
+        if entry is None:
+            if len(self.streams) >= self.max_streams:
+                del self.streams[min(self.streams, key=lambda k: self.streams[k][1])]
+            entry = (self.vocoder.new_stream(), time.monotonic())
+        self.streams[uid] = (entry[0], time.monotonic())
+        codes = from_proto(request.codes)
+        try:
+            audio = await off_loop(self.vocoder.push, entry[0], codes, flush=request.last)
+        finally:
+            if request.last:
+                self.streams.pop(uid, None)
+        audio = torch.as_tensor(audio, dtype=torch.float32).reshape(-1)
+        return tts_pb2.DecodeResponse(audio=to_proto(audio), sample_rate=SAMPLE_RATE)
+
+    def check_health(self) -> None:
+        device_alive(self.device)

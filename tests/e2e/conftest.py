@@ -1,0 +1,65 @@
+"""One real local Ray cluster + Ray Serve app + redis-server for the whole e2e test session.
+
+The app is the production application (`services.gateway.app:build_app`) on the golden tiny checkpoint, on CPU,
+with Ray Serve's gRPC proxy on a free 127.0.0.1 port; tests talk to it over a real gRPC channel only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+from services.gateway.client import MiniCPMOClient
+from tests.servers import RedisServer, free_port
+
+KEYS = ("e2e-key-alpha", "e2e-key-beta")
+APP_NAME = "minicpmo"
+
+
+@dataclass(frozen=True)
+class ServedApp:
+    target: str
+    redis_url: str
+    model_dir: str
+    keys: tuple[str, ...]
+
+
+@pytest.fixture(scope="session")
+def served(golden) -> ServedApp:
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from services.gateway.app import GRPC_SERVICER_FUNCTIONS, build_app
+
+    redis = RedisServer.start()
+    grpc_port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="minicpmo-e2e")
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": free_port()},
+            grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+        )
+        model_dir = str(golden.checkpoint)
+        app = build_app({"model_dir": model_dir, "redis_url": redis.url, "api_keys": ",".join(KEYS), "device": "cpu"})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        yield ServedApp(f"127.0.0.1:{grpc_port}", redis.url, model_dir, KEYS)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        redis.stop()
+
+
+@pytest.fixture
+def client(served: ServedApp):
+    with MiniCPMOClient(served.target, api_key=served.keys[0]) as c:
+        yield c
+
+
+@pytest.fixture
+def other_client(served: ServedApp):
+    with MiniCPMOClient(served.target, api_key=served.keys[1]) as c:
+        yield c
