@@ -168,6 +168,7 @@ class ConditionalChatTTS(nn.Module):
         self.n_start = 1 + cfg.num_spk_embs
         self.condition_length = self.n_start + cfg.streaming_text_reserved_len + 1
         self.eos_id = cfg.num_audio_tokens - 1
+        self._head_weight: torch.Tensor | None = None
 
     @property
     def head_dim(self) -> int:
@@ -205,8 +206,12 @@ class ConditionalChatTTS(nn.Module):
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., hidden) -> (..., num_vq, num_audio_tokens) float32 logits."""
-        with P.cached():
-            return torch.stack([head(hidden) for head in self.head_code], -2).float()
+        if self._head_weight is None:
+            # weight_norm recomputes g * v / |v| on every access; the weights are fixed at inference, so do it once.
+            with P.cached():
+                self._head_weight = torch.cat([head.weight for head in self.head_code]).detach()
+        logits = F.linear(hidden, self._head_weight)
+        return logits.unflatten(-1, (self.cfg.num_vq, self.cfg.num_audio_tokens)).float()
 
     # -- backbone --------------------------------------------------------------------------------------------
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
@@ -285,12 +290,12 @@ class CodeSampler:
 
 
 @torch.inference_mode()
-def generate_codes(model: ConditionalChatTTS, sampler: CodeSampler, states: list[CodeGenState], max_new: int,
-                   stop_at: list[int] | None = None) -> list[list[torch.Tensor]]:
+def generate_codes(model: ConditionalChatTTS, sampler: CodeSampler, states: list[CodeGenState],
+                   max_new: int) -> list[list[torch.Tensor]]:
     """Upstream `generate` for several segments at once: up to `max_new` frames each, batched per step.
 
-    A segment stops early when any codebook emits eos (the eos frame is not kept) or when it holds `stop_at[i]`
-    codes. Returns the new frames per segment. Each segment's KV rows become views of one batch cache.
+    A segment stops early when any codebook emits eos (the eos frame is not kept; `finished` is set). Returns
+    the new frames per segment. Each segment's KV rows become views of one batch cache.
     """
     device = model.emb_text.weight.device
     new: list[list[torch.Tensor]] = [[] for _ in states]
@@ -326,8 +331,6 @@ def generate_codes(model: ConditionalChatTTS, sampler: CodeSampler, states: list
                 continue
             s.codes.append(frame)
             new[active[j]].append(frame)
-            if stop_at is not None and len(s.codes) >= stop_at[active[j]]:
-                running[j] = False
     return new
 
 

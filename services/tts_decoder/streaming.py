@@ -1,0 +1,273 @@
+"""Streaming speech synthesis of LLM text, as upstream `_generate_mel_spec_audio_streaming` does it.
+
+Per utterance (an explicit `UtteranceState`): text arrives in pieces and is normalised (digits read one by one,
+`*` dropped). Every time 10 more TTS text tokens exist, they are prefilled and 25 codes are generated, decoded
+with a 4-code overlap, vocoded and cross-faded, and the new audio is emitted at once. When the text ends, the
+rest is prefilled and generation runs to eos (or past 2048 codes). A segment that reaches 120 text tokens closes
+at the next sentence end; a new segment starts seeded with its last 5 text tokens and last 50 codes.
+
+Deliberate differences from upstream, none of which changes the codes for the same text:
+- upstream runs at most one 10-token chunk per LLM text piece; here every ready chunk runs (the schedule then
+  equals the non-streaming `_generate_mel_spec` one, so greedy streaming codes equal non-streaming codes);
+- upstream's first text piece skips normalisation (it is read before the loop); here every piece is normalised;
+- upstream truncates a segment past 300 tokens; here that is a `TextTooLongError` (nothing would speak the rest).
+
+Several utterances share a replica: `step_many` advances each by one chunk and batches the 25 generation steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.common.checkpoint import CheckpointReader
+from services.common.config import ModelConfig
+from services.tts_decoder.model import CodeGenState, CodeSampler, ConditionalChatTTS, generate_codes, load_tts
+from services.tts_decoder.text import (
+    ChatTTSText,
+    EmptyTextError,
+    TTSInputError,
+    detect_language,
+    normalize,
+    sentence_end,
+)
+from services.tts_decoder.vocoder import SAMPLE_RATE, Vocoder, VocoderStream
+
+CODES_PER_CHUNK = 25  # upstream `output_chunk_size`
+MAX_SEGMENT_CODES = 2048  # generation stops once a segment holds more codes than this
+SEGMENT_SHIFT = 180  # a segment may close at a sentence end once it has reserved - 180 = 120 text tokens
+SEED_TEXT_TOKENS = 5
+SEED_CODES = 50
+TTS_EOS_TEXT = "<|tts_eos|>"
+
+
+class SpeakerEmbeddingError(TTSInputError):
+    pass
+
+
+@dataclass
+class SpeechChunk:
+    codes: torch.Tensor  # (n, num_vq) int64: the codes new in this chunk
+    audio: np.ndarray | None  # float32 mono; None when the decoder runs without a vocoder
+    sample_rate: int = SAMPLE_RATE
+    text: str = ""  # raw text received since the previous chunk
+    end_of_segment: bool = False  # a vocoder flushes its held tail after this chunk (and starts a new cross-fade)
+
+
+@dataclass
+class UtteranceState:
+    """Everything one utterance needs between calls; owned by the caller."""
+
+    spk_emb: torch.Tensor  # (num_spk, hidden) projected, normalised speaker embedding
+    gen: CodeGenState  # KV cache, codes and text mask of the current segment
+    vocoder: VocoderStream | None
+    language: str | None = None
+    pieces: int = 0  # text pieces received (the language is detected on the first two)
+    raw_text: str = ""
+    text_reported: int = 0  # raw_text[:text_reported] was attached to emitted chunks
+    seg_text: str = ""  # normalised text of the current segment
+    carry_text: str = ""  # normalised text for the next segment while the current one closes
+    n_text: int = 0  # TTS tokens of seg_text (upstream `tts_token_lens`)
+    chunk_idx: int = 0  # text chunks prefilled in this segment
+    segment: int = 0
+    closing: bool = False  # the segment passed a sentence end after 120 tokens: finish it, then roll over
+    text_done: bool = False  # the caller finished the text
+    tail_prefilled: bool = False  # the segment's remaining text is prefilled (final phase)
+    done: bool = False
+    codes: list[torch.Tensor] = field(default_factory=list)  # every generated frame of the utterance, no seeds
+
+
+class TTSDecoder:
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 vocoder: bool = True, progress: bool = False):
+        self.device = torch.device(device)
+        self.cfg = ModelConfig.from_model_dir(model_dir).tts
+        self.text = ChatTTSText(model_dir, self.cfg)
+        self.model: ConditionalChatTTS = load_tts(CheckpointReader(model_dir), self.cfg, self.device, dtype, progress)
+        self.sampler = CodeSampler(self.cfg, self.model.eos_id)
+        self.vocoder = Vocoder(model_dir, self.device, dtype) if vocoder else None
+        self.chunk_tokens = self.cfg.streaming_text_chunk_size
+        self.n_start = self.text.n_start
+        self.close_after = self.cfg.streaming_text_reserved_len - SEGMENT_SHIFT
+
+    # -- public API ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def start(self, spk_hidden: torch.Tensor, greedy: bool = False, seed: int | None = None) -> UtteranceState:
+        """A new utterance spoken with the voice of the LLM's `<|spk|>` hidden state (llm_hidden,)."""
+        spk = torch.as_tensor(spk_hidden)
+        if spk.dim() == 2 and spk.shape[0] == 1:
+            spk = spk[0]
+        if spk.dim() != 1 or spk.shape[0] != self.cfg.llm_dim:
+            raise SpeakerEmbeddingError(
+                f"speaker hidden state has shape {tuple(spk.shape)}; expected ({self.cfg.llm_dim},), the LLM hidden "
+                "state at the <|spk|> token")
+        if not bool(torch.isfinite(spk).all()):
+            raise SpeakerEmbeddingError("speaker hidden state holds NaN or infinite values")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        spk_emb = self.model.speaker_embedding(spk[None].to(self.device))
+        gen = CodeGenState(self.model.new_cache(self.model.condition_length), self.text.text_mask(0),
+                           self.model.condition_length - 1, greedy=greedy, generator=generator)
+        return UtteranceState(spk_emb=spk_emb, gen=gen, vocoder=self.vocoder.new_stream() if self.vocoder else None)
+
+    def push_text(self, state: UtteranceState, text_delta: str) -> list[SpeechChunk]:
+        """Add a piece of text; returns the audio chunks it makes ready (possibly none)."""
+        self.feed(state, text_delta)
+        return self.run(state)
+
+    def finish(self, state: UtteranceState) -> list[SpeechChunk]:
+        """End of the text: speak the rest, generate to eos (or the code cap), emit everything left."""
+        self.end_text(state)
+        return self.run(state)
+
+    def feed(self, state: UtteranceState, text_delta: str) -> None:
+        """Record a text piece without running the model (the caller batches work with `step_many`)."""
+        if state.text_done:
+            raise TTSInputError("text pushed after finish() for this utterance")
+        piece = text_delta.split(TTS_EOS_TEXT)[0]
+        state.raw_text += piece
+        state.pieces += 1
+        if state.pieces <= 2:
+            state.language = detect_language(state.raw_text)
+        norm = normalize(piece, state.language or "english")
+        if state.done:
+            return
+        if state.closing:
+            state.carry_text += norm
+            return
+        candidate = state.seg_text + norm
+        n = self.text.count(candidate)
+        mark = sentence_end(piece) if n >= self.close_after else ""
+        if mark:
+            cut = candidate.rfind(mark) + 1
+            seg, n_seg = candidate[:cut], self.text.count(candidate[:cut])
+            self.text.check_length(n_seg)
+            state.seg_text, state.n_text, state.carry_text, state.closing = seg, n_seg, candidate[cut:], True
+            return
+        self.text.check_length(n)
+        state.seg_text, state.n_text = candidate, n
+
+    def end_text(self, state: UtteranceState) -> None:
+        if not state.text_done and not state.done and state.segment == 0 and state.n_text == 0:
+            raise EmptyTextError("no text to speak: the utterance received only empty or whitespace text")
+        state.text_done = True
+
+    def has_work(self, state: UtteranceState) -> bool:
+        if state.done:
+            return False
+        if state.closing or state.text_done:
+            return True
+        return state.n_text >= (state.chunk_idx + 1) * self.chunk_tokens
+
+    def run(self, state: UtteranceState) -> list[SpeechChunk]:
+        chunks: list[SpeechChunk] = []
+        while self.has_work(state):
+            chunks += self.step_many([state])[0]
+        return chunks
+
+    @torch.inference_mode()
+    def step_many(self, states: list[UtteranceState]) -> list[list[SpeechChunk]]:
+        """Advance every state with work by one chunk (prefill + up to 25 codes, batched across states)."""
+        ready = [s for s in states if self.has_work(s)]
+        for s in ready:
+            self._prefill_next(s)
+        new = generate_codes(self.model, self.sampler, [s.gen for s in ready], CODES_PER_CHUNK)
+        made: dict[int, SpeechChunk] = {}
+        for s, frames in zip(ready, new):
+            codes = torch.stack(frames) if frames else torch.zeros(0, self.cfg.num_vq, dtype=torch.long)
+            s.codes += frames
+            final_phase = s.closing or s.text_done
+            over_cap = len(s.gen.codes) > MAX_SEGMENT_CODES
+            segment_over = s.gen.finished or (final_phase and over_cap)
+            text, s.text_reported = s.raw_text[s.text_reported :], len(s.raw_text)
+            made[id(s)] = SpeechChunk(codes=codes, audio=None, text=text, end_of_segment=segment_over)
+            if segment_over:
+                # Roll over only after eos of a closing segment; upstream ends the utterance at the code cap.
+                if s.closing and s.gen.finished:
+                    self._roll_over(s)
+                else:
+                    s.done = True
+        if self.vocoder is not None and made:
+            vocoded = [s for s in ready if id(s) in made]
+            audio = self.vocoder.push_many([s.vocoder for s in vocoded], [made[id(s)].codes for s in vocoded],
+                                           [made[id(s)].end_of_segment for s in vocoded])
+            for s, a in zip(vocoded, audio):
+                made[id(s)].audio = a
+        return [[made[id(s)]] if id(s) in made else [] for s in states]
+
+    @torch.inference_mode()
+    def synthesize(self, spk_hidden: torch.Tensor, text: str, greedy: bool = False,
+                   seed: int | None = None) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Non-streaming synthesis as upstream `_generate_mel_spec` (chat path: no text normalisation).
+
+        All 303 condition slots are prefilled chunk by chunk (10 per 25 codes), then generation runs to eos or
+        the code cap; one DVAE + Vocos pass. Returns codes (T, num_vq) and the audio (None without vocoder).
+        """
+        if not text.strip():
+            raise EmptyTextError("no text to speak")
+        state = self.start(spk_hidden, greedy=greedy, seed=seed)
+        layout = self.text.layout(text)
+        ids = torch.tensor(layout.ids)
+        gen = state.gen
+        gen.text_mask = self.text.text_mask(layout.n_text)
+        for chunk in range(math.ceil(self.model.condition_length / self.chunk_tokens)):
+            begin, end = self._chunk_bounds(chunk)
+            if end > begin:
+                self.model.prefill_text(gen.cache, ids[begin:end], begin, state.spk_emb if begin == 0 else None)
+            state.codes += generate_codes(self.model, self.sampler, [gen], CODES_PER_CHUNK)[0]
+            if gen.finished:
+                break
+        while not gen.finished and len(gen.codes) <= MAX_SEGMENT_CODES:
+            state.codes += generate_codes(self.model, self.sampler, [gen], CODES_PER_CHUNK)[0]
+        codes = torch.stack(state.codes)
+        audio = self.vocoder.decode(codes) if self.vocoder is not None else None
+        return codes, audio
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """Condition slots of text chunk `chunk`: chunk 0 also holds [Stts][spk_emb]."""
+        if chunk == 0:
+            return 0, self.chunk_tokens + self.n_start
+        begin = chunk * self.chunk_tokens + self.n_start
+        return begin, min(begin + self.chunk_tokens, self.model.condition_length - 1)
+
+    def _prefill_next(self, s: UtteranceState) -> None:
+        """Prefill what the next chunk of generation may see: the next 10 text tokens, or in the final phase
+        everything left up to and including [Etts]."""
+        ids = torch.tensor(self.text.layout(s.seg_text).ids)
+        s.gen.text_mask = self.text.text_mask(s.n_text)
+        if s.closing or s.text_done:
+            if s.tail_prefilled:
+                return
+            begin = 0 if s.chunk_idx == 0 else self._chunk_bounds(s.chunk_idx)[0]
+            end = self.n_start + s.n_text + 1
+            s.tail_prefilled = True
+        else:
+            begin, end = self._chunk_bounds(s.chunk_idx)
+            s.chunk_idx += 1
+        if end > begin:
+            self.model.prefill_text(s.gen.cache, ids[begin:end], begin, s.spk_emb if begin == 0 else None)
+
+    def _roll_over(self, s: UtteranceState) -> None:
+        """Start the next segment seeded with the last 5 text tokens and the last 50 codes (upstream recursion)."""
+        text_ids = self.text.layout(s.seg_text).ids
+        seed_text = text_ids[self.n_start + s.n_text - SEED_TEXT_TOKENS : self.n_start + s.n_text]
+        seed_codes = torch.stack(s.gen.codes[-SEED_CODES:])
+        gen = CodeGenState(self.model.new_cache(self.model.condition_length + SEED_CODES),
+                           self.text.text_mask(len(seed_text)), self.model.condition_length - 1,
+                           codes=list(seed_codes), greedy=s.gen.greedy, generator=s.gen.generator)
+        head = torch.tensor(self.text.start_ids() + seed_text)
+        self.model.prefill_text(gen.cache, head, 0, s.spk_emb)
+        # The last seed code is not prefilled: it is the input of the next generation step.
+        self.model.prefill_audio(gen.cache, seed_codes[:-1], gen.text_mask)
+        s.gen = gen
+        s.segment += 1
+        s.seg_text = self.text.decode(seed_text) + s.carry_text
+        s.n_text = self.text.count(s.seg_text)
+        s.carry_text, s.closing, s.tail_prefilled, s.chunk_idx = "", False, False, 0
+        self.text.check_length(s.n_text)
