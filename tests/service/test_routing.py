@@ -49,18 +49,49 @@ class Echo(SessionAffinityReplica):
         return self.replica, self.actor_name, serve.get_replica_context().rank.rank
 
 
+@serve.deployment(
+    num_replicas=N_REPLICAS,
+    max_ongoing_requests=2,
+    ray_actor_options={"num_cpus": 0.1},
+    request_router_config={"request_router_class": "services.common.routing:SessionAffinityRouter"},
+)
+class RanklessEcho:
+    """Routed by the same router but without the rank-publishing mixin (the router's fallback path)."""
+
+    def __init__(self) -> None:
+        self.replica = serve.get_replica_context().replica_id.unique_id
+
+    async def __call__(self, session_id: str, hold_s: float = 0.0) -> tuple[str, str, int]:
+        if hold_s:
+            await asyncio.sleep(hold_s)
+        return self.replica, "", -1
+
+
 @pytest.fixture(scope="module")
-def echo_handle():
+def serve_instance():
+    """Ray Serve for this module: the test session's if one is running, else our own (shut down after)."""
     started_here = not ray.is_initialized()
     if started_here:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    handle = serve.run(Echo.bind(), name=APP, route_prefix=None)
-    yield handle
-    serve.delete(APP)
+    yield
     if started_here:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def echo_handle(serve_instance):
+    handle = serve.run(Echo.bind(), name=APP, route_prefix=None)
+    yield handle
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def rankless_handle(serve_instance):
+    handle = serve.run(RanklessEcho.bind(), name=APP + "-rankless", route_prefix=None)
+    yield handle
+    serve.delete(APP + "-rankless")
 
 
 async def call(handle, session_id: str, hold_s: float = 0.0, timeout_s: float = 90.0) -> tuple[str, str, int]:
@@ -76,14 +107,15 @@ async def call(handle, session_id: str, hold_s: float = 0.0, timeout_s: float = 
             await asyncio.sleep(0.05)
 
 
-async def wait_for_ranks(handle, timeout_s: float = 60.0) -> None:
-    """Until every replica is up and has published its rank (routing is then deterministic)."""
+async def wait_for_replicas(handle, field: int, timeout_s: float = 60.0) -> None:
+    """Until every replica answers, i.e. this handle's router sees them all (field 2: with its rank published);
+    routing is deterministic from then on."""
     deadline = time.monotonic() + timeout_s
     while True:
-        seen = {r for _, _, r in await asyncio.gather(*(call(handle, s) for s in SESSIONS))}
-        if seen == set(range(N_REPLICAS)):
+        seen = {res[field] for res in await asyncio.gather(*(call(handle, s) for s in SESSIONS))}
+        if len(seen) == N_REPLICAS:
             return
-        assert time.monotonic() < deadline, f"only ranks {seen} answered"
+        assert time.monotonic() < deadline, f"only {seen} answered"
         await asyncio.sleep(0.1)
 
 
@@ -99,7 +131,7 @@ async def serve_rounds(handle, rounds: int, hold_s: float) -> dict[str, list[tup
 
 def test_each_session_one_replica_and_a_killed_replica_moves_only_its_sessions_once(echo_handle):
     async def scenario():
-        await wait_for_ranks(echo_handle)
+        await wait_for_replicas(echo_handle, field=2)
         before = await serve_rounds(echo_handle, rounds=3, hold_s=0.02)
         owner = {}
         for sid, hits in before.items():
@@ -124,5 +156,16 @@ def test_each_session_one_replica_and_a_killed_replica_moves_only_its_sessions_o
             else:
                 assert set(replicas) == {owner[sid][0]}, f"{sid} moved although its replica lived: {hits}"
         assert len({after[s][0][0] for s in victim_sessions}) == 1  # all of them went to the same replacement
+
+    asyncio.run(scenario())
+
+
+def test_deployment_without_ranks_still_gets_one_replica_per_session(rankless_handle):
+    async def scenario():
+        await wait_for_replicas(rankless_handle, field=0)
+        served = await serve_rounds(rankless_handle, rounds=3, hold_s=0.02)
+        for sid, hits in served.items():
+            assert len({replica for replica, _, _ in hits}) == 1, f"{sid} was split: {hits}"
+        assert len({hits[0][0] for hits in served.values()}) > 1  # still spread over replicas
 
     asyncio.run(scenario())
