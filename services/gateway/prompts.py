@@ -128,7 +128,9 @@ class PlaceholderSettings:
         return cls(image, max_slice_nums or 1, False, True)
 
 
-def expand_placeholders(text: str, images: Sequence[ImageRef], audios: Sequence[AudioRef], ps: PlaceholderSettings) -> str:
+def expand_placeholders(
+    text: str, images: Sequence[ImageRef], audios: Sequence[AudioRef], ps: PlaceholderSettings
+) -> str:
     """Replace the i-th image tag by image i's slice placeholder and the j-th audio tag by audio j's."""
     chunks = _TAG_SPLIT.split(text)
     n_img = sum(c == IMAGE_TAG for c in chunks)

@@ -5,8 +5,10 @@ Order per row, as transformers applies it: repetition penalty over the ids gener
 the processed logits. Each row may have its own params and its own seeded generator, so sessions batched into
 one forward pass still sample exactly as they would alone.
 
-Repetition-penalty window: when upstream generates from `inputs_embeds` (chat), `input_ids` seen by the penalty
-are the generated ids only; the caller passes those as `generated_ids`.
+Repetition-penalty window: when upstream generates from `inputs_embeds` (chat), the ids the penalty sees are
+the generated ids only; the caller passes those as `generated_ids`. (`streaming_generate` restarts
+`llm.generate` every 3 tokens with `input_ids`, so its window is that call's input ids plus its new ids; we use
+the answer's generated ids for both, which differs only when sampling with a penalty.)
 """
 
 from __future__ import annotations

@@ -57,7 +57,9 @@ def test_own_system_message_replaces_the_default_one(tokenizer, settings):
 
 def test_audio_forces_the_tts_template_and_marks_the_speaker(tokenizer, sp, settings):
     p = build_chat_prompt([Message("user", ["listen", AudioRef(16000)])], tokenizer, settings)
-    assert p.rendered == f"<|im_start|>user\nlisten\n{AUDIO_TAG}<|im_end|>\n<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>"
+    assert p.rendered == (
+        f"<|im_start|>user\nlisten\n{AUDIO_TAG}<|im_end|>\n<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>"
+    )
     (s, e), = p.spk_bounds
     assert e == s + 1 and p.input_ids[s] == sp.spk
     assert [e - s for s, e in p.audio_bounds] == [25]
@@ -148,7 +150,8 @@ def test_streaming_first_message_is_rendered_as_a_session_start(tokenizer, golde
 def test_streaming_units_use_one_slice_and_no_image_ids(tokenizer, golden):
     settings = PlaceholderSettings.streaming(ImageProcessorConfig.from_model_dir(golden.checkpoint))
     state = StreamingPromptState(started=True)
-    p = build_streaming_prefill(Message("user", ["<unit>", ImageRef((1344, 896)), AudioRef(16000)]), state, tokenizer, settings)
+    unit = Message("user", ["<unit>", ImageRef((1344, 896)), AudioRef(16000)])
+    p = build_streaming_prefill(unit, state, tokenizer, settings)
     assert len(p.image_bounds) == 1 and "<image_id>" not in p.text and len(p.audio_bounds) == 1
 
 
