@@ -37,7 +37,9 @@ Public API
 ``affinity_router_config(**overrides) -> RequestRouterConfig``: the config to pass as
     ``@serve.deployment(request_router_config=...)`` (router class, 1 s stats period, short back-off).
 Callers route a request with ``handle.options(session_id=sid).method.remote(...)``; the id arrives in
-``pending_request.metadata.session_id``. Calls in flight on a replica that dies fail with ``ActorDiedError`` and
+``pending_request.metadata.session_id``. The same router works on the ingress: Serve's gRPC proxy copies a
+client's ``session_id`` invocation-metadata entry into that field, so with this router on the ``Gateway``
+deployment every RPC of a live session reaches the one gateway replica holding its in-memory TDM muxer. Calls in flight on a replica that dies fail with ``ActorDiedError`` and
 Serve does not retry them: the caller retries (idempotently) and the retry lands on the session's new owner.
 """
 
