@@ -32,7 +32,9 @@ class EncodedImage:
     embeddings: torch.Tensor  # (n_slices * query_num, llm_hidden), on the CPU, in the model's dtype
 
 
-def collate_slices(pixels: list[np.ndarray], tgt_sizes: list[np.ndarray] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_slices(
+    pixels: list[np.ndarray], tgt_sizes: list[np.ndarray] | np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 slices (3, patch, L_i) -> zero-padded (B, 3, patch, max L_i) and (B, 2) int64 tgt_sizes."""
     length = max(p.shape[-1] for p in pixels)
     batch = np.zeros((len(pixels), *pixels[0].shape[:-1], length), dtype=np.float32)
@@ -77,7 +79,9 @@ class VisionEncoder:
         self.device = torch.device(device)
         self.dtype = dtype
 
-    def preprocess(self, images: list[Image.Image | bytes], max_slice_nums: int | None = None) -> list[PreprocessedImage]:
+    def preprocess(
+        self, images: list[Image.Image | bytes], max_slice_nums: int | None = None
+    ) -> list[PreprocessedImage]:
         """Decode, check and slice every image first, so one bad image fails the call before any compute."""
         cfg = self.processor_cfg
         return [preprocess(load_image(im, cfg.max_pixels), max_slice_nums, cfg) for im in images]
@@ -91,7 +95,8 @@ class VisionEncoder:
         tgt_sizes = [t for im in images for t in im.tgt_sizes]
         outputs = []
         for start in range(0, len(pixels), self.batch_size):
-            pixel_values, tgt = collate_slices(pixels[start : start + self.batch_size], tgt_sizes[start : start + self.batch_size])
+            batch = slice(start, start + self.batch_size)
+            pixel_values, tgt = collate_slices(pixels[batch], tgt_sizes[batch])
             out = self.model(pixel_values.to(self.device, self.dtype), tgt.to(self.device))
             outputs.append(out.cpu())
         per_slice = torch.cat(outputs).flatten(0, 1) if outputs else torch.empty(0)

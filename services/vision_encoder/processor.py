@@ -176,7 +176,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as e:
-        raise ImageInputError(f"cannot convert an image of PIL mode {image.mode!r} to RGB ({e}); send an RGB image") from e
+        raise ImageInputError(
+            f"cannot convert an image of PIL mode {image.mode!r} to RGB ({e}); send an RGB image"
+        ) from e
 
 
 def check_max_slice_nums(max_slice_nums: int, cfg: ImageProcessorConfig) -> int:
@@ -301,6 +303,8 @@ def preprocess(image: Image.Image, max_slice_nums: int | None, cfg: ImageProcess
     image = to_rgb(image) if image.mode != "RGB" else image
     layout = slice_layout(image.size, max_slice_nums, cfg)
     patch = cfg.patch_size
-    pixels = [reshape_by_patch(np.asarray(s, dtype=np.uint8).transpose(2, 0, 1), patch) for s in slice_images(image, layout)]
+    pixels = [
+        reshape_by_patch(np.asarray(s, dtype=np.uint8).transpose(2, 0, 1), patch) for s in slice_images(image, layout)
+    ]
     tgt_sizes = np.array([(h // patch, w // patch) for w, h in layout.slice_sizes], dtype=np.int64)
     return PreprocessedImage(layout, pixels, tgt_sizes, cfg.norm_mean, cfg.norm_std)

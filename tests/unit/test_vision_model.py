@@ -13,19 +13,27 @@ from services.common.checkpoint import UNUSED_AT_INFERENCE
 from services.common.config import real_config
 from services.vision_encoder.encoder import VisionEncoder
 from services.vision_encoder.model import PREFIXES, Resampler, VisionModel, sincos_1d
+from services.vision_encoder.processor import ImageInputError
 
 
 def test_state_dict_equals_official_keys_at_real_config(golden):
     official = json.loads(golden.path("official_keys.json").read_text())["shapes"]
-    expected = {
-        k: tuple(v) for k, v in official.items() if k.startswith(PREFIXES) and not k.startswith(tuple(UNUSED_AT_INFERENCE))
-    }
+    unused = tuple(UNUSED_AT_INFERENCE)
+    expected = {k: tuple(v) for k, v in official.items() if k.startswith(PREFIXES) and not k.startswith(unused)}
     with torch.device("meta"):
         model = VisionModel(real_config())
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert sorted(set(expected) - set(ours)) == [], "missing"
     assert sorted(set(ours) - set(expected)) == [], "unexpected"
     assert {k: v for k, v in ours.items() if expected[k] != v} == {}
+
+
+def test_drop_vision_last_layer_builds_one_layer_less():
+    cfg = real_config()
+    with torch.device("meta"):
+        kept = VisionModel(cfg)
+        dropped = VisionModel(cfg.replace(drop_vision_last_layer=True))
+    assert len(dropped.vpm.encoder.layers) == len(kept.vpm.encoder.layers) - 1 == cfg.vision.num_hidden_layers - 1
 
 
 def _upstream_2d_table(embed_dim: int, h: int, w: int) -> np.ndarray:
@@ -66,14 +74,13 @@ def test_n_images_in_one_call_equal_n_calls(encoder):
     assert sum(e.layout.n_slices for e in together) > encoder.batch_size  # slices of one image span batches
     for t, a in zip(together, alone, strict=True):
         assert t.layout == a.layout
-        assert t.embeddings.shape == (t.layout.n_slices * encoder.processor_cfg.query_num, encoder.model.resampler.embed_dim)
+        rows = t.layout.n_slices * encoder.processor_cfg.query_num
+        assert t.embeddings.shape == (rows, encoder.model.resampler.embed_dim)
         # Same math; only padding length and batch shape differ, so equal up to float32 rounding.
         torch.testing.assert_close(t.embeddings, a.embeddings, rtol=0, atol=1e-5)
 
 
 def test_bad_image_fails_the_call_before_compute(encoder):
-    from services.vision_encoder.processor import ImageInputError
-
     with pytest.raises(ImageInputError):
         encoder.encode([_images(1)[0], b"\x89PNG not really"])
 
