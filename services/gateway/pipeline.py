@@ -456,7 +456,9 @@ class Pipeline:
             if with_audio and self.stages.vocoder is not None:  # vocoder as its own deployment
                 voc = self.stages.vocoder.options(session_id=utterance)
                 dec = await voc.Decode.remote(
-                    tts_pb2.DecodeRequest(utterance_id=utterance, codes=c.codes, last=last and i == len(items) - 1)
+                    tts_pb2.DecodeRequest(
+                        utterance_id=utterance, codes=c.codes, last=c.end_of_segment or (last and i == len(items) - 1)
+                    )
                 )
                 audio = dec.audio
             event = omni_pb2.AudioChunk(sample_rate=c.sample_rate or SPEECH_RATE, index=index, text=c.text)

@@ -28,7 +28,10 @@ class UtteranceNotFound(LookupError):
 def _chunks_msg(chunks) -> tts_pb2.SpeechChunks:
     out = tts_pb2.SpeechChunks()
     for c in chunks:
-        msg = out.chunks.add(codes=to_proto(c.codes), sample_rate=c.sample_rate or SAMPLE_RATE, text=c.text or "")
+        msg = out.chunks.add(
+            codes=to_proto(c.codes), sample_rate=c.sample_rate or SAMPLE_RATE, text=c.text or "",
+            end_of_segment=c.end_of_segment,
+        )  # fmt: skip
         if c.audio is not None:
             import torch
 

@@ -20,7 +20,7 @@ from services.gateway.stage import device_alive, limit_threads, off_loop, replic
     health_check_period_s=10,
 )
 class VisionEncoder:
-    def __init__(self, model_dir: str, device: str = "cpu", batch_size: int = 16):
+    def __init__(self, model_dir: str, device: str = "cpu", batch_size: int | None = None):
         from services.vision_encoder.encoder import VisionEncoder as Encoder
 
         limit_threads()

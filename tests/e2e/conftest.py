@@ -16,6 +16,7 @@ from tests.servers import RedisServer, free_port
 
 KEYS = ("e2e-key-alpha", "e2e-key-beta")
 APP_NAME = "minicpmo"
+IDLE_TTL_S = 15  # short, so the expiry test waits seconds, not the production 10 minutes
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,10 @@ def served(golden) -> ServedApp:
             grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
         )
         model_dir = str(golden.checkpoint)
-        app = build_app({"model_dir": model_dir, "redis_url": redis.url, "api_keys": ",".join(KEYS), "device": "cpu"})
+        app = build_app({
+            "model_dir": model_dir, "redis_url": redis.url, "api_keys": ",".join(KEYS), "device": "cpu",
+            "limits": {"session_idle_ttl_s": IDLE_TTL_S},
+        })  # fmt: skip
         serve.run(app, name=APP_NAME, route_prefix="/")
         yield ServedApp(f"127.0.0.1:{grpc_port}", redis.url, model_dir, KEYS)
     finally:

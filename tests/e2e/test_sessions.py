@@ -1,0 +1,197 @@
+"""Live sessions over a real gRPC channel: TDM units from small audio chunks, spoken answers, interrupts,
+isolation between concurrent sessions, API-key ownership, and cleanup of Redis keys."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import redis
+
+from protos.minicpmo.v1 import omni_pb2
+from services.gateway.client import generation_options
+from tests.e2e.media import chunks, image_bytes, wav
+
+pytestmark = [pytest.mark.ray, pytest.mark.redis]
+
+CHUNK = 3200  # 200 ms of 16 kHz audio per AppendUnit, as a live client sends it
+
+
+def feed_units(client, sid: str, pcm: np.ndarray, frames: list[bytes]) -> int:
+    """Stream `pcm` in 200 ms chunks with one frame per second; returns the units prefilled."""
+    units = 0
+    per_second = 16000 // CHUNK
+    for i, piece in enumerate(chunks(pcm, CHUNK)):
+        frame = [frames[(i // per_second) % len(frames)]] if i % per_second == 0 else []
+        units += client.append(sid, audio=piece, frames=frame).units_prefilled
+    return units
+
+
+@pytest.fixture
+def unit_inputs(golden):
+    pcm = wav(golden, "unit_audio_2s.wav")
+    frames = [image_bytes(golden, "image_unit0.png"), image_bytes(golden, "image_unit1.png")]
+    return pcm, frames
+
+
+def greedy(n: int, speech: bool = False, min_new: int = 0) -> omni_pb2.GenerationOptions:
+    return generation_options(max_new_tokens=n, min_new_tokens=min_new, greedy=True, speech=speech, speech_greedy=True)
+
+
+def test_live_units_then_spoken_answer(client, golden, unit_inputs):
+    pcm, frames = unit_inputs
+    info = client.create_session(reference_voice=wav(golden, "ref_voice_1s.wav"))
+    sid = info.session_id
+    assert info.token_count > 0 and info.state == omni_pb2.SESSION_STATE_IDLE
+    units = feed_units(client, sid, np.concatenate([pcm, pcm]), frames)  # 4 s -> 4 complete units
+    assert units == 4
+    mid = client.get_session(sid)
+    assert mid.state == omni_pb2.SESSION_STATE_LISTENING and mid.token_count > info.token_count
+    answer = client.respond(sid, greedy(30, speech=True, min_new=30))
+    assert answer.final.usage.completion_tokens == 30
+    assert len(answer.chunks) >= 2 and answer.audio.size > 0 and np.isfinite(answer.audio).all()
+    after = client.get_session(sid)
+    assert after.token_count == answer.final.usage.session_tokens
+    client.close_session(sid)
+
+
+def test_partial_second_is_flushed_on_respond(client, unit_inputs):
+    pcm, frames = unit_inputs
+    sid = client.create_session().session_id
+    r = client.append(sid, audio=pcm[:24000], frames=frames[:1])  # 1.5 s: one unit, 0.5 s pending
+    assert r.units_prefilled == 1 and r.pending_audio_ms == 500
+    before = client.get_session(sid).token_count
+    answer = client.respond(sid, greedy(4))
+    assert answer.final.usage.session_tokens > before + answer.final.usage.prompt_tokens  # the flushed unit is in
+    assert client.get_session(sid).pending_audio_ms == 0
+    client.close_session(sid)
+
+
+def test_interrupt_then_new_turn(client, unit_inputs):
+    pcm, frames = unit_inputs
+    sid = client.create_session().session_id
+    feed_units(client, sid, pcm, frames)
+    stream = client.respond_stream(sid, greedy(400, min_new=400))
+    first = next(stream)  # the answer is running
+    assert first.WhichOneof("event") in ("text_delta", "audio", "final")
+    assert client.interrupt(sid).was_responding
+    rest = [first, *stream]
+    final = rest[-1].final
+    assert final.finish_reason == omni_pb2.FINISH_REASON_INTERRUPTED
+    assert final.usage.completion_tokens < 400
+    # the next user turn starts the upstream way (after `<|tts_eos|>`), and answers normally
+    assert client.append(sid, text="And now?").token_count > final.usage.session_tokens
+    again = client.respond(sid, greedy(5))
+    assert again.final.usage.completion_tokens >= 1
+    assert not client.interrupt(sid).was_responding
+    client.close_session(sid)
+
+
+def run_session(client, pcm, frames, text: str) -> list[int]:
+    sid = client.create_session().session_id
+    feed_units(client, sid, pcm, frames)
+    client.append(sid, text=text)
+    ids = client.respond(sid, greedy(8)).token_ids
+    client.close_session(sid)
+    return ids
+
+
+def test_interleaved_sessions_are_isolated(served, unit_inputs):
+    """Two sessions fed concurrently answer exactly as each does alone."""
+    from services.gateway.client import MiniCPMOClient
+
+    pcm, frames = unit_inputs
+    inputs = [(pcm, frames, "Tell me about the first one."), (pcm[::-1].copy(), frames[::-1], "Something else?")]
+    with MiniCPMOClient(served.target, api_key=served.keys[0]) as c:
+        alone = [run_session(c, *args) for args in inputs]
+    results: list = [None, None]
+
+    def worker(i):
+        with MiniCPMOClient(served.target, api_key=served.keys[0]) as c:
+            results[i] = run_session(c, *inputs[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+    assert alone[0] != alone[1]
+
+
+def test_session_of_another_key_is_refused(client, other_client):
+    sid = client.create_session().session_id
+    for call in (
+        lambda: other_client.get_session(sid),
+        lambda: other_client.append(sid, text="hi"),
+        lambda: other_client.respond(sid, greedy(2)),
+        lambda: other_client.interrupt(sid),
+        lambda: other_client.close_session(sid),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert client.get_session(sid).session_id == sid  # untouched
+    client.close_session(sid)
+
+
+def test_session_errors(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.get_session("no-such-session")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        client.append("no-such-session", text="hi")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    sid = client.create_session().session_id
+    with pytest.raises(grpc.RpcError) as err:
+        client.append(sid, audio=np.full(100, np.nan, np.float32))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        client.append(sid, frames=[b"not an image"])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        client.append(sid)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        client.create_session(mode=omni_pb2.VOICE_MODE_VOICE_CLONING)  # needs a reference voice
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.respond(sid, greedy(2)).final.usage.completion_tokens >= 1  # the session still works
+    client.close_session(sid)
+
+
+def _keys(redis_url: str, sid: str) -> list[bytes]:
+    r = redis.Redis.from_url(redis_url)
+    try:
+        return r.keys(f"*{sid}*")
+    finally:
+        r.close()
+
+
+def test_closed_session_leaves_no_redis_keys(served, client, unit_inputs):
+    pcm, frames = unit_inputs
+    sid = client.create_session().session_id
+    feed_units(client, sid, pcm, frames)
+    client.respond(sid, greedy(3))
+    assert _keys(served.redis_url, sid)
+    client.close_session(sid)
+    assert _keys(served.redis_url, sid) == []
+    with pytest.raises(grpc.RpcError) as err:
+        client.respond(sid, greedy(2))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_idle_session_expires_everywhere(served, client, unit_inputs):
+    pcm, frames = unit_inputs
+    sid = client.create_session().session_id
+    feed_units(client, sid, pcm, frames)
+    ttl = client.get_session(sid).idle_ttl_s
+    deadline = time.monotonic() + ttl + 10
+    while _keys(served.redis_url, sid) and time.monotonic() < deadline:
+        time.sleep(0.5)  # polling Redis for the idle expiry; the TTL is the wait, not a fixed sleep
+    assert _keys(served.redis_url, sid) == []
+    with pytest.raises(grpc.RpcError) as err:
+        client.get_session(sid)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
