@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from services.common.checkpoint import CheckpointReader
-from services.common.config import ModelConfig
+from services.common.config import ModelConfig, TTSConfig
 from services.tts_decoder.model import CodeGenState, CodeSampler, ConditionalChatTTS, generate_codes, load_tts
 from services.tts_decoder.text import (
     ChatTTSText,
@@ -84,15 +84,30 @@ class UtteranceState:
 class TTSDecoder:
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  vocoder: bool = True, progress: bool = False):
-        self.device = torch.device(device)
-        self.cfg = ModelConfig.from_model_dir(model_dir).tts
-        self.text = ChatTTSText(model_dir, self.cfg)
-        self.model: ConditionalChatTTS = load_tts(CheckpointReader(model_dir), self.cfg, self.device, dtype, progress)
-        self.sampler = CodeSampler(self.cfg, self.model.eos_id)
-        self.vocoder = Vocoder(model_dir, self.device, dtype) if vocoder else None
-        self.chunk_tokens = self.cfg.streaming_text_chunk_size
-        self.n_start = self.text.n_start
-        self.close_after = self.cfg.streaming_text_reserved_len - SEGMENT_SHIFT
+        device = torch.device(device)
+        cfg = ModelConfig.from_model_dir(model_dir).tts
+        self._setup(
+            cfg,
+            ChatTTSText(model_dir, cfg),
+            load_tts(CheckpointReader(model_dir), cfg, device, dtype, progress),
+            Vocoder(model_dir, device, dtype) if vocoder else None,
+        )
+
+    @classmethod
+    def from_parts(cls, cfg: TTSConfig, text: ChatTTSText, model: ConditionalChatTTS,
+                   vocoder: Vocoder | None) -> "TTSDecoder":
+        """A decoder over modules built elsewhere (benchmarks with random weights at another config)."""
+        self = cls.__new__(cls)
+        self._setup(cfg, text, model, vocoder)
+        return self
+
+    def _setup(self, cfg: TTSConfig, text: ChatTTSText, model: ConditionalChatTTS, vocoder: Vocoder | None) -> None:
+        self.cfg, self.text, self.model, self.vocoder = cfg, text, model, vocoder
+        self.device = model.emb_text.weight.device
+        self.sampler = CodeSampler(cfg, model.eos_id)
+        self.chunk_tokens = cfg.streaming_text_chunk_size
+        self.n_start = text.n_start
+        self.close_after = cfg.streaming_text_reserved_len - SEGMENT_SHIFT
 
     # -- public API ------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -68,19 +68,29 @@ class Vocoder:
     """DVAE + Vocos from a checkpoint directory."""
 
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.device = torch.device(device)
-        self.dtype = dtype
-        reader = CheckpointReader(model_dir)
-        self.dvae: DVAE = load_dvae(reader, self.device, dtype)
+        device = torch.device(device)
         path = Path(model_dir) / VOCOS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: Vocos weights not found")
-        self.vocos = build_vocos()
+        vocos = build_vocos()
         # Stored parameters are bf16; load_state_dict copies them into the float32 module (upcast), as upstream.
-        self.vocos.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self.vocos = self.vocos.to(self.device).eval()
-        if dtype != torch.float32:
-            self.vocos.backbone.to(dtype)
+        vocos.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self._setup(load_dvae(CheckpointReader(model_dir), device, dtype), vocos, device, dtype)
+
+    @classmethod
+    def from_parts(cls, dvae: DVAE, vocos: Vocos, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> "Vocoder":
+        """A vocoder over modules built elsewhere (benchmarks with random weights)."""
+        self = cls.__new__(cls)
+        self._setup(dvae, vocos, torch.device(device), dtype)
+        return self
+
+    def _setup(self, dvae: DVAE, vocos: Vocos, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.dvae = dvae.to(device, dtype).eval()
+        # The ISTFT head stays float32 (as upstream's `.float()` Vocos); the backbone runs in the serving dtype.
+        self.vocos = vocos.to(device).eval()
+        self.vocos.backbone.to(dtype)
 
     @torch.inference_mode()
     def mel(self, codes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,194 @@
+"""Streaming speech decoder: chunk timing, exact cross-fade at every join, streaming == non-streaming codes,
+batched utterances == solo ones, and clear errors for bad input. Runs on the golden (tiny) checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from services.tts_decoder.streaming import SpeakerEmbeddingError, TTSDecoder
+from services.tts_decoder.text import EmptyTextError, TextTooLongError, TTSInputError
+from services.tts_decoder.vocoder import CROSSFADE_SAMPLES, OVERLAP_CODES
+
+WORDS = "hello world, this is a voice test of the streaming decoder with several words in it".split()
+
+
+@pytest.fixture(scope="module")
+def decoder(golden):
+    return TTSDecoder(golden.checkpoint, vocoder=True)
+
+
+@pytest.fixture(scope="module")
+def codes_only(golden):
+    return TTSDecoder(golden.checkpoint, vocoder=False)
+
+
+def speaker(dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(dim, generator=torch.Generator().manual_seed(seed))
+
+
+def upstream_overlap_add(frames: list[torch.Tensor], overlap: int) -> torch.Tensor:
+    """The reference stream: upstream `_linear_overlap_add2_wav` applied chunk after chunk, tail un-smoothed."""
+    out, prev = [], None
+    for wav in frames:
+        if prev is None:
+            prev = wav
+            continue
+        total = prev.shape[0] + wav.shape[0] - overlap
+        weight_len = max(prev.shape[0], wav.shape[0]) + overlap
+        t = torch.linspace(0, 1, weight_len + 2, dtype=torch.float32)[1:-1]
+        weight = 0.5 - (t - 0.5).abs()
+        acc, norm = torch.zeros(total), torch.zeros(total)
+        acc[: prev.shape[0]] += weight[-prev.shape[0] :] * prev
+        norm[: prev.shape[0]] += weight[-prev.shape[0] :]
+        off = prev.shape[0] - overlap
+        acc[off : off + wav.shape[0]] += weight[: wav.shape[0]] * wav
+        norm[off : off + wav.shape[0]] += weight[: wav.shape[0]]
+        joined = acc / norm
+        out.append(joined[: prev.shape[0]])
+        prev = joined[prev.shape[0] :]
+    out.append(prev)
+    return torch.cat(out)
+
+
+def per_chunk_vocoder_outputs(decoder: TTSDecoder, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What upstream vocodes per chunk: the chunk's codes plus the 4 codes before them."""
+    history = torch.cat(chunks)
+    frames, start = [], 0
+    for c in chunks:
+        window = history[max(start - OVERLAP_CODES, 0) : start + c.shape[0]]
+        frames.append(decoder.vocoder.mel_to_audio(decoder.vocoder.mel(window))[0].cpu())
+        start += c.shape[0]
+    return frames
+
+
+def test_first_chunk_after_first_ten_text_tokens(decoder):
+    state = decoder.start(speaker(decoder.cfg.llm_dim, 0), greedy=True)
+    text, first_at = "", None
+    for i, word in enumerate(WORDS):
+        text += word + " "
+        chunks = decoder.push_text(state, word + " ")
+        if chunks:
+            first_at = i
+            assert chunks[0].codes.shape == (25, decoder.cfg.num_vq)
+            assert chunks[0].audio is not None and chunks[0].audio.size > 0
+            assert chunks[0].text == text
+            break
+    assert first_at is not None, "no audio before the end of the text"
+    # The chunk comes exactly with the piece that brought the 10th TTS text token.
+    assert decoder.text.count(" ".join(WORDS[: first_at + 1])) >= 10
+    assert decoder.text.count(" ".join(WORDS[:first_at])) < 10
+    decoder.finish(state)
+
+
+def test_vocoder_crossfade_exact_at_every_join(decoder):
+    gen = torch.Generator().manual_seed(1)
+    chunks = [torch.randint(0, 625, (n, 4), generator=gen) for n in (25, 25, 25, 12)]
+    stream = decoder.vocoder.new_stream()
+    emitted = [decoder.vocoder.push(stream, c, flush=i == len(chunks) - 1) for i, c in enumerate(chunks)]
+    # Audio is released as soon as each chunk is decoded: all but the held cross-fade tail.
+    assert emitted[0].shape[0] == chunks[0].shape[0] * 512 - CROSSFADE_SAMPLES
+    expected = upstream_overlap_add(per_chunk_vocoder_outputs(decoder, chunks), CROSSFADE_SAMPLES)
+    got = torch.from_numpy(np.concatenate(emitted))
+    assert got.shape == expected.shape
+    # Upstream divides every sample by its weight sum (x*w/w), which may move untouched samples by an ulp.
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_streaming_audio_is_the_crossfaded_stream_of_its_codes(decoder):
+    state = decoder.start(speaker(decoder.cfg.llm_dim, 0), greedy=True)
+    chunks = []
+    for word in WORDS:
+        chunks += decoder.push_text(state, word + " ")
+    chunks += decoder.finish(state)
+    assert len(chunks) >= 2 and chunks[-1].end_of_segment
+    frames = per_chunk_vocoder_outputs(decoder, [c.codes for c in chunks if c.codes.shape[0]])
+    expected = upstream_overlap_add(frames, CROSSFADE_SAMPLES)
+    got = torch.from_numpy(np.concatenate([c.audio for c in chunks]))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert (" ".join(WORDS) + " ").startswith("".join(c.text for c in chunks))
+
+
+def test_streaming_codes_equal_non_streaming_greedy(codes_only):
+    spk = speaker(codes_only.cfg.llm_dim, 2)
+    state = codes_only.start(spk, greedy=True)
+    chunks = []
+    for word in WORDS:
+        chunks += codes_only.push_text(state, word + " ")
+    chunks += codes_only.finish(state)
+    assert all(c.audio is None for c in chunks)
+    streamed = torch.cat([c.codes for c in chunks])
+    offline, audio = codes_only.synthesize(spk, " ".join(WORDS) + " ", greedy=True)
+    assert audio is None
+    assert torch.equal(streamed, offline)
+
+
+def test_step_many_equals_solo(codes_only):
+    texts = [WORDS, WORDS[3:], WORDS[::-1]]
+
+    def run(batched: bool) -> list[torch.Tensor]:
+        states = [codes_only.start(speaker(codes_only.cfg.llm_dim, 10 + i), greedy=True) for i in range(3)]
+        for i, words in enumerate(texts):
+            for w in words:
+                codes_only.feed(states[i], w + " ")
+            codes_only.end_text(states[i])
+        if batched:
+            while any(codes_only.has_work(s) for s in states):
+                codes_only.step_many(states)
+        else:
+            for s in states:
+                codes_only.run(s)
+        return [torch.stack(s.codes) for s in states]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
+
+
+def test_sampling_is_reproducible_with_a_seed(codes_only):
+    def run() -> torch.Tensor:
+        state = codes_only.start(speaker(codes_only.cfg.llm_dim, 3), seed=7)
+        chunks = codes_only.push_text(state, " ".join(WORDS))
+        return torch.cat([c.codes for c in chunks + codes_only.finish(state)])
+
+    assert torch.equal(run(), run())
+
+
+def test_long_text_rolls_over_to_a_new_segment(codes_only):
+    """Past 120 TTS tokens, a sentence end closes the segment; the next one continues the utterance."""
+    state = codes_only.start(speaker(codes_only.cfg.llm_dim, 4), greedy=True)
+    sentence = "this is a fairly long sentence that keeps going with many words in it."
+    chunks, pushed = [], 0
+    while state.segment == 0 and not state.done and pushed < 40:
+        for w in sentence.split():
+            chunks += codes_only.push_text(state, w + " ")
+        pushed += 1
+    chunks += codes_only.finish(state)
+    if state.segment == 0:
+        # Random weights: the first segment may end with eos before its sentence end is reached.
+        assert state.done and any(c.end_of_segment for c in chunks)
+    else:
+        assert sum(c.end_of_segment for c in chunks) >= 2
+        assert state.n_text < codes_only.text.count(sentence) * pushed
+
+
+def test_bad_inputs_have_clear_errors(codes_only):
+    dim = codes_only.cfg.llm_dim
+    with pytest.raises(SpeakerEmbeddingError, match=str(dim)):
+        codes_only.start(torch.zeros(dim + 1))
+    with pytest.raises(SpeakerEmbeddingError, match="NaN"):
+        codes_only.start(torch.full((dim,), float("nan")))
+    state = codes_only.start(speaker(dim, 5))
+    codes_only.push_text(state, "   ")
+    with pytest.raises(EmptyTextError):
+        codes_only.finish(state)
+    state = codes_only.start(speaker(dim, 5))
+    with pytest.raises(TextTooLongError, match="sentence ends"):
+        codes_only.feed(state, "word " * 400)
+    assert state.n_text == 0  # the rejected piece left the utterance unchanged
+    codes_only.feed(state, "short text.")
+    codes_only.end_text(state)
+    with pytest.raises(TTSInputError, match="after finish"):
+        codes_only.feed(state, "more")
+    with pytest.raises(EmptyTextError):
+        codes_only.synthesize(speaker(dim, 5), " ")
