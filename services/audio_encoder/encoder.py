@@ -32,7 +32,7 @@ PREFIXES = ("apm.", "audio_projection_layer.")
 
 @dataclass
 class AudioStreamState:
-    """One live stream's Whisper KV cache and how many frames it holds (= the next chunk's position offset)."""
+    """One live stream's Whisper KV cache; its length is the next chunk's position offset."""
 
     cache: DynamicCache = field(default_factory=DynamicCache)
     resets: int = 0  # times the 1500-position limit restarted the cache
@@ -42,12 +42,16 @@ class AudioStreamState:
         return self.cache.get_seq_length()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.cache.layers if layer.is_initialized
-                   for t in (layer.keys, layer.values))
+        layers = [layer for layer in self.cache.layers if layer.is_initialized]
+        return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
 
-    def reset(self) -> None:
-        self.cache = DynamicCache()
-        self.resets += 1
+
+def _truncate(cache: DynamicCache, length: int) -> None:
+    """Drop frames past `length` in every layer (a forward that failed half-way appended to only some)."""
+    for layer in cache.layers:
+        excess = layer.get_seq_length() - length
+        if excess > 0:
+            layer.crop(-excess)
 
 
 class AudioEncoder:
@@ -60,11 +64,12 @@ class AudioEncoder:
         dtype: torch.dtype = torch.float32,
         max_batch_pieces: int = 16,
         max_seconds: float = MAX_AUDIO_SECONDS,
+        progress: bool = False,
     ):
         cfg = ModelConfig.from_model_dir(model_dir)
         with torch.device("meta"):
             model = AudioModel(cfg)
-        load_module(model, CheckpointReader(model_dir), PREFIXES, dtype=dtype, device=device)
+        load_module(model, CheckpointReader(model_dir), PREFIXES, dtype=dtype, device=device, progress=progress)
         self._setup(model, load_feature_extractor(model_dir), device, max_batch_pieces, max_seconds)
 
     @classmethod
@@ -126,8 +131,8 @@ class AudioEncoder:
     ) -> list[torch.Tensor]:
         """`encode_chunk` for several streams in one forward (one chunk per stream; results equal solo calls).
 
-        Like upstream, a stream whose cache plus the new chunk would reach the 1500 Whisper positions (30 s)
-        starts over with an empty cache first.
+        A stream whose cache plus the new chunk would reach the 1500 Whisper positions (30 s) starts over with an
+        empty cache first, as upstream does. On any error the streams are left unchanged.
         """
         if len({id(s) for s in states}) != len(states):
             raise ValueError("a stream appears twice in one encode_chunks call; send its chunks in order instead")
@@ -137,8 +142,18 @@ class AudioEncoder:
         feats = extract_features(self.extractor, chunks)
         mel_lens = feats.lengths.to(self.device)
         new_frames = encoder_frames(mel_lens)
-        for state, n in zip(states, new_frames.tolist()):
-            if state.length and state.length + n >= self.model.max_positions:
-                state.reset()
-        hidden = self.model.encode_streaming(feats.features.to(self.device), mel_lens, [s.cache for s in states])
+        # Like upstream, a stream whose cache plus the chunk would reach the position limit starts a new cache.
+        limit = self.model.max_positions
+        restart = [0 < s.length and s.length + n >= limit for s, n in zip(states, new_frames.tolist())]
+        caches = [DynamicCache() if r else s.cache for s, r in zip(states, restart)]
+        lengths = [c.get_seq_length() for c in caches]
+        try:
+            hidden = self.model.encode_streaming(feats.features.to(self.device), mel_lens, caches)
+        except BaseException:  # leave every stream as it was, so the caller can retry or go on
+            for cache, n in zip(caches, lengths):
+                _truncate(cache, n)
+            raise
+        for state, cache, r in zip(states, caches, restart):
+            if r:
+                state.cache, state.resets = cache, state.resets + 1
         return self.model.embed(hidden, new_frames)

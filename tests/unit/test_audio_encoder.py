@@ -100,6 +100,24 @@ def test_bad_chunk_leaves_stream_untouched(encoder):
     assert state.length == 50
 
 
+def test_failed_forward_leaves_stream_unchanged(encoder):
+    state, reference = encoder.new_stream(), encoder.new_stream()
+    for st in (state, reference):
+        encoder.encode_chunk(st, noise(1, 30))
+
+    def fail(*_):
+        raise RuntimeError("simulated device failure")
+
+    hook = encoder.model.apm.layers[-1].register_forward_pre_hook(fail)  # after the first layers cached the chunk
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            encoder.encode_chunk(state, noise(1, 31))
+    finally:
+        hook.remove()
+    assert [layer.get_seq_length() for layer in state.cache.layers] == [reference.length] * len(state.cache.layers)
+    torch.testing.assert_close(encoder.encode_chunk(state, noise(1, 32)), encoder.encode_chunk(reference, noise(1, 32)))
+
+
 def test_other_sample_rates_are_resampled_before_encoding(encoder):
     one_second_48k = np.repeat(noise(1, 9), 3)
     assert encoder.encode([one_second_48k], sample_rate=48000)[0].shape[0] == audio_token_count(16000)
