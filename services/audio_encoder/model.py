@@ -121,8 +121,9 @@ class AudioModel(nn.Module):
         return x.transpose(1, 2)
 
     def _layers(self, x: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+        """The encoder layers (transformers' own forward; `cache` reaches WhisperAttention) + final layer_norm."""
         for layer in self.apm.layers:
-            x = layer(x, mask, past_key_values=cache) if cache is not None else layer(x, mask)
+            x = layer(x, mask, past_key_values=cache)
         return self.apm.layer_norm(x)
 
     def encode_offline(self, features: torch.Tensor, mel_lens: torch.Tensor) -> torch.Tensor:
