@@ -52,7 +52,7 @@ def validate_pcm(
     arr = np.asarray(pcm)
     if arr.dtype.kind == "f":
         arr = arr.astype(np.float32, copy=False)
-    elif arr.dtype in (np.int16, np.int32):
+    elif arr.dtype.kind == "i" and arr.dtype.itemsize in (2, 4):
         arr = arr.astype(np.float32) / np.float32(np.iinfo(arr.dtype).max + 1)
     else:
         raise AudioInputError(f"audio dtype {arr.dtype} not supported: send float32 samples in [-1, 1] or int16 PCM")

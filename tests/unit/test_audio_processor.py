@@ -75,8 +75,10 @@ def test_validate_refuses_bad_input(pcm, rate, message):
 
 
 def test_int_pcm_is_scaled_like_soundfile():
-    out = validate_pcm(np.array([-32768, 0, 16384], np.int16), 16000)
-    assert out.dtype == np.float32 and out.tolist() == [-1.0, 0.0, 0.5]
+    for dtype in ("<i2", ">i2"):  # either byte order, e.g. straight from a WAV or a network buffer
+        out = validate_pcm(np.array([-32768, 0, 16384], dtype), 16000)
+        assert out.dtype == np.float32 and out.tolist() == [-1.0, 0.0, 0.5]
+    assert validate_pcm(np.array([-(2**31), 2**30], np.int32), 16000).tolist() == [-1.0, 0.5]
 
 
 def test_stereo_is_downmixed_by_mean():
