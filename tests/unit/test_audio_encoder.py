@@ -76,13 +76,14 @@ def test_first_chunk_matches_offline_within_one_second(encoder):
 
 
 def test_stream_resets_at_position_limit(encoder):
-    chunk = noise(10, 5)  # 500 Whisper frames
+    third = encoder.model.max_positions // 3  # Whisper frames of each chunk (50 per second)
+    chunk = noise(third / 50, 5)
     state = encoder.new_stream()
     encoder.encode_chunk(state, chunk)
     encoder.encode_chunk(state, chunk)
-    assert state.length == 1000 and state.resets == 0
-    out = encoder.encode_chunk(state, chunk)  # 1000 + 500 reaches 1500: upstream starts a new cache first
-    assert state.length == 500 and state.resets == 1
+    assert state.length == 2 * third and state.resets == 0
+    out = encoder.encode_chunk(state, chunk)  # the third chunk reaches the limit: upstream starts a new cache first
+    assert state.length == third and state.resets == 1
     torch.testing.assert_close(out, encoder.encode_chunk(encoder.new_stream(), chunk))
     assert state.nbytes() > 0
 
