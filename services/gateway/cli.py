@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,28 +40,57 @@ def register_serve(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--separate-vocoder", action="store_true", help="run DVAE + Vocos as their own deployment")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray cluster may use")
+    p.add_argument("--config", type=Path, default=Path("deploy/local-cpu.yaml"),
+                   help="Ray Serve config whose app args, deployment options and gRPC options to use "
+                        "(default deploy/local-cpu.yaml when present; command-line flags win)")
     p.set_defaults(func=serve_main)
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    from tests.servers import free_port, require_redis_server  # noqa: PLC0415 (same helper the tests use)
+def config_app_args(path: Path) -> tuple[dict, dict]:
+    """(build_app args, gRPC options) from a `serve run` config file: the first application's args, with its
+    `deployments:` list folded into args["deployments"] (what `serve run` would apply on top of the app)."""
+    import yaml
 
+    cfg = yaml.safe_load(path.read_text())
+    app = (cfg.get("applications") or [{}])[0]
+    args = dict(app.get("args") or {})
+    per = {k: dict(v) for k, v in (args.get("deployments") or {}).items()}
+    for d in app.get("deployments") or []:
+        d = dict(d)
+        per.setdefault(d.pop("name"), {}).update(d)
+    args["deployments"] = per
+    return args, dict(cfg.get("grpc_options") or {})
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """A local redis-server (no persistence) on a free 127.0.0.1 port; returns once it answers PING."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found: run `make setup` (or apt-get install redis-server), or pass --redis-url")
+    workdir = workdir.resolve()  # redis-server changes into --dir before it opens the log file
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = subprocess.Popen(
-        [require_redis_server(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir), "--save", "",
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir), "--save", "",
          "--appendonly", "no", "--logfile", str(workdir / "redis.log")],
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    import redis  # noqa: PLC0415
-
     client = redis.Redis(port=port)
-    for _ in range(200):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if client.ping():
                 return proc, f"redis://127.0.0.1:{port}/0"
         except redis.ConnectionError:
-            time.sleep(0.025)
+            time.sleep(0.025)  # polling start-up
     proc.terminate()
     raise RuntimeError(f"redis-server did not start; see {workdir / 'redis.log'}")
 
@@ -82,12 +113,17 @@ def serve_main(args: argparse.Namespace) -> int:
         keys = secrets.token_urlsafe(24)
         print(f"no API key configured: generated one for this run: {keys}", flush=True)
     try:
+        app_args, grpc_cfg = config_app_args(args.config) if args.config.is_file() else ({}, {})
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)
         serve.start(
             http_options={"host": "127.0.0.1", "port": 8000},
-            grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+            grpc_options=gRPCOptions(**{
+                "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS, **grpc_cfg, "port": args.port,
+            }),  # fmt: skip
         )
-        app_args = {"redis_url": redis_url, "api_keys": keys, "separate_vocoder": args.separate_vocoder}
+        app_args.update(redis_url=redis_url, api_keys=keys)
+        if args.separate_vocoder:
+            app_args["separate_vocoder"] = True
         if args.model_dir:
             app_args["model_dir"] = args.model_dir
         else:
