@@ -142,6 +142,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._running = False
         self.steps = 0
+        self.mixed_steps = 0  # steps that carried prefill rows and decode rows together
         self.last_batch_tokens = 0
 
     # --- lifecycle --------------------------------------------------------------------------------------------
@@ -268,6 +269,7 @@ class LLMEngine:
                 "kv_tokens_budget": self.blocks.capacity_tokens,
                 "evictions": self.scheduler.evictions,
                 "steps": self.steps,
+                "mixed_steps": self.mixed_steps,
                 "last_batch_tokens": self.last_batch_tokens,
             }
 
@@ -328,6 +330,7 @@ class LLMEngine:
             with self._cv:
                 self._apply(batch, logits, hidden)
                 self.steps += 1
+                self.mixed_steps += bool(batch.decodes and batch.prefills)
                 self.last_batch_tokens = batch.num_tokens
 
     def _build(self, batch: ScheduledBatch) -> ForwardBatch:

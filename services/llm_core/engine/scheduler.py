@@ -189,10 +189,12 @@ class Scheduler:
         sid = r.session_id
         need = self.blocks.blocks_needed(sid, n)
         if need > self.blocks.free_blocks and self.evict_idle:
+            # a session whose work just failed this step is idle now, but evicting it would only add churn
+            failed_now = {f.session_id for f, _ in batch.failed}
             for victim in self.blocks.lru_order():
                 if self.blocks.free_blocks >= need:
                     break
-                if victim != sid and self.is_idle(victim):
+                if victim != sid and self.is_idle(victim) and victim not in failed_now:
                     self.blocks.free(victim)
                     self.evictions += 1
                     batch.evicted.append(victim)

@@ -1,0 +1,138 @@
+"""Continuous-batching decisions (pure logic): budgets, order, chunking, session checks, eviction."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.llm_core.engine.kv_cache import BlockManager, EngineFullError
+from services.llm_core.engine.scheduler import ContextLengthError, Scheduler, SessionStateError
+
+
+def make(num_blocks=64, block_size=4, max_batch_tokens=16, max_session_tokens=1000, evict_idle=True):
+    return Scheduler(BlockManager(num_blocks, block_size), max_batch_tokens, max_session_tokens, evict_idle)
+
+
+def run_step(s: Scheduler):
+    """Schedule and commit a step as the engine would after a successful forward."""
+    batch = s.schedule()
+    for r in batch.decodes:
+        s.commit_decode(r)
+    for c in batch.prefills:
+        s.commit_prefill(c)
+    return batch
+
+
+def test_decodes_first_then_prefills_fill_the_token_budget_in_arrival_order():
+    s = make(max_batch_tokens=16)
+    g = s.add("a", 3, decode=True)
+    run_step(s)  # a's prefix is in; a now decodes
+    p1 = s.add("b", 10, decode=False)
+    p2 = s.add("c", 10, decode=False)
+    batch = s.schedule()
+    assert batch.decodes == [g]
+    assert [(c.request, c.start, c.n) for c in batch.prefills] == [(p1, 0, 10), (p2, 0, 5)]
+    assert batch.num_tokens == 16
+
+
+def test_long_prefill_is_chunked_across_steps_with_kv_offsets():
+    s = make(max_batch_tokens=8)
+    r = s.add("a", 20, decode=False)
+    chunks = []
+    while r.prefilling:
+        (c,) = run_step(s).prefills
+        chunks.append((c.start, c.n, c.kv_start, c.last))
+    assert chunks == [(0, 8, 0, False), (8, 8, 8, False), (16, 4, 16, True)]
+    s.finish(r)
+    assert s.blocks.num_tokens("a") == 20 and not s.has_work() and s.is_idle("a")
+
+
+def test_requests_of_one_session_run_in_order():
+    s = make(max_batch_tokens=64)
+    first = s.add("a", 4, decode=False)
+    second = s.add("a", 4, decode=False)
+    batch = run_step(s)
+    assert [c.request for c in batch.prefills] == [first]
+    s.finish(first)
+    assert [(c.request, c.kv_start) for c in run_step(s).prefills] == [(second, 4)]
+    assert s.blocks.num_tokens("a") == 8
+
+
+def test_expected_kv_len_mismatch_fails_the_request_with_a_rebuild_hint():
+    s = make()
+    r = s.add("ghost", 4, decode=False, expected_kv_len=10)
+    batch = s.schedule()
+    ((failed, err),) = batch.failed
+    assert failed is r and isinstance(err, SessionStateError) and "rebuild" in str(err)
+    assert not s.blocks.has("ghost") and not s.has_work()
+
+    s.add("a", 4, decode=False)
+    run_step(s)
+    s.finish(s.head("a"))
+    r = s.add("a", 4, decode=False, expected_kv_len=0)  # "new session" but it exists
+    ((failed, err),) = s.schedule().failed
+    assert "holds 4 KV tokens, caller expected 0" in str(err)
+    ok = s.add("a", 4, decode=False, expected_kv_len=4)
+    assert [c.request for c in s.schedule().prefills] == [ok]
+
+
+def test_session_token_limit():
+    s = make(max_session_tokens=10)
+    s.add("a", 11, decode=False)
+    ((_, err),) = s.schedule().failed
+    assert isinstance(err, ContextLengthError) and isinstance(err, ValueError)
+
+
+def test_full_pool_evicts_idle_sessions_least_recently_used_first():
+    s = make(num_blocks=4, block_size=4, max_batch_tokens=64)
+    for sid in ("old", "newer"):
+        r = s.add(sid, 8, decode=False)
+        run_step(s)
+        s.finish(r)
+    s.blocks.touch("newer")
+    s.add("c", 8, decode=False)
+    batch = run_step(s)
+    assert batch.evicted == ["old"] and s.evictions == 1
+    assert not s.blocks.has("old") and s.blocks.has("newer") and s.blocks.num_tokens("c") == 8
+
+
+def test_busy_sessions_are_never_evicted_and_the_newcomer_fails_clearly():
+    s = make(num_blocks=4, block_size=4, max_batch_tokens=64)
+    s.add("busy", 16, decode=True)  # still has work: not evictable
+    run_step(s)
+    s.add("new", 4, decode=False)
+    batch = s.schedule()
+    # the pool is exactly full: busy's next decode row and the newcomer both fail, busy keeps its KV
+    assert [(r.session_id, type(e)) for r, e in batch.failed] == [("busy", EngineFullError), ("new", EngineFullError)]
+    assert s.blocks.num_tokens("busy") == 16
+    assert not s.blocks.has("new")  # a new session that never got KV leaves nothing behind
+
+
+def test_without_eviction_a_full_pool_refuses_new_work():
+    s = make(num_blocks=2, block_size=4, max_batch_tokens=64, evict_idle=False)
+    r = s.add("a", 8, decode=False)
+    run_step(s)
+    s.finish(r)
+    s.add("b", 1, decode=False)
+    ((_, err),) = s.schedule().failed
+    assert isinstance(err, EngineFullError)
+    assert s.blocks.num_tokens("a") == 8 and s.evictions == 0
+
+
+def test_drop_returns_pending_requests_and_frees_kv():
+    s = make()
+    r1 = s.add("a", 4, decode=False)
+    run_step(s)
+    r2 = s.add("a", 4, decode=True)
+    assert s.drop("a") == [r1, r2] and r1.finished and r2.finished
+    assert not s.blocks.has("a") and s.blocks.free_blocks == 64 and not s.has_work()
+
+
+def test_stats_count_decoding_prefilling_and_waiting():
+    s = make(max_batch_tokens=4)
+    s.add("a", 2, decode=True)
+    run_step(s)
+    s.add("b", 10, decode=False)
+    s.add("b", 3, decode=False)
+    s.add("c", 3, decode=False)
+    run_step(s)
+    assert s.stats() == {"decoding": 1, "prefilling": 1, "waiting": 2}
