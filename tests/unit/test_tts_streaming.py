@@ -148,28 +148,60 @@ def test_step_many_equals_solo(codes_only):
 def test_sampling_is_reproducible_with_a_seed(codes_only):
     def run() -> torch.Tensor:
         state = codes_only.start(speaker(codes_only.cfg.llm_dim, 3), seed=7)
-        chunks = codes_only.push_text(state, " ".join(WORDS))
+        chunks = codes_only.push_text(state, " ".join(WORDS[:8]))
         return torch.cat([c.codes for c in chunks + codes_only.finish(state)])
 
     assert torch.equal(run(), run())
 
 
-def test_long_text_rolls_over_to_a_new_segment(codes_only):
-    """Past 120 TTS tokens, a sentence end closes the segment; the next one continues the utterance."""
-    state = codes_only.start(speaker(codes_only.cfg.llm_dim, 4), greedy=True)
-    sentence = "this is a fairly long sentence that keeps going with many words in it."
-    chunks, pushed = [], 0
-    while state.segment == 0 and not state.done and pushed < 40:
-        for w in sentence.split():
-            chunks += codes_only.push_text(state, w + " ")
-        pushed += 1
-    chunks += codes_only.finish(state)
-    if state.segment == 0:
-        # Random weights: the first segment may end with eos before its sentence end is reached.
-        assert state.done and any(c.end_of_segment for c in chunks)
-    else:
-        assert sum(c.end_of_segment for c in chunks) >= 2
-        assert state.n_text < codes_only.text.count(sentence) * pushed
+class EosWhileClosing:
+    """Sampling step that ends a closing segment as soon as upstream allows (after 10 steps of a call)."""
+
+    def __init__(self, sampler, state):
+        self.sampler, self.state = sampler, state
+
+    def __call__(self, logits, step_in_call, is_bos_step, greedy, generator):
+        codes = self.sampler(logits, step_in_call, is_bos_step, greedy, generator)
+        if self.state.closing and step_in_call >= 10:
+            return torch.full_like(codes, self.sampler.eos_id)
+        return codes
+
+
+def test_long_text_rolls_over_to_a_new_segment(golden):
+    """Past 120 TTS tokens a sentence end closes the segment; once it reaches eos the utterance continues in a
+    new segment seeded with the last 5 text tokens and last 50 codes. eos is forced once the segment closes
+    (random weights would otherwise decide when it comes)."""
+    dec = TTSDecoder(golden.checkpoint, vocoder=False)
+    eos = dec.model.eos_id
+    with torch.no_grad():  # make eos unreachable until the segment closes
+        dec.model.head_logits(torch.zeros(1, dec.cfg.hidden_size))
+        saved = dec.model._head_weight.clone()
+        dec.model._head_weight.view(dec.cfg.num_vq, -1, dec.cfg.hidden_size)[:, eos] = 0
+    state = dec.start(speaker(dec.cfg.llm_dim, 4), greedy=True)
+    sentence = "this is a fairly long sentence that keeps going with many words in it. "
+    chunks = []
+    while not state.closing:
+        for w in sentence.split(" "):
+            dec.feed(state, w + " ")
+            if state.closing:
+                break
+            chunks += dec.run(state)
+    assert state.n_text >= dec.cfg.streaming_text_reserved_len - 180
+    closed_text_ids = dec.text.layout(state.seg_text).ids[dec.n_start : dec.n_start + state.n_text]
+    dec.model._head_weight.copy_(saved)
+    dec.sampler = EosWhileClosing(dec.sampler, state)
+    chunks += dec.push_text(state, "and then the answer goes on after the break")
+    assert state.segment == 1
+    assert [c.end_of_segment for c in chunks].count(True) == (2 if state.done else 1)
+    first_end = [c.end_of_segment for c in chunks].index(True)
+    segment0 = torch.cat([c.codes for c in chunks[: first_end + 1]])
+    assert torch.equal(torch.stack(state.gen.codes[:50]), segment0[-50:])
+    assert state.seg_text.startswith(dec.text.decode(closed_text_ids[-5:]))
+    assert state.seg_text.endswith("and then the answer goes on after the break")
+    chunks += dec.finish(state)
+    assert state.done and chunks[-1].end_of_segment
+    assert [c.end_of_segment for c in chunks].count(True) == 2
+    assert torch.equal(torch.cat([c.codes for c in chunks]), torch.stack(state.codes))
 
 
 def test_bad_inputs_have_clear_errors(codes_only):
