@@ -8,6 +8,7 @@ included in the times.
 - images_per_s: N / total wall time.
 - latency_ms: mean wall time of the call that returns an image (batched: the whole call, since all N come back
   together; one-at-a-time: one call).
+- cpu_ms_per_image: process CPU time per image (all threads), less sensitive to other load on the machine.
 - speedup: batched images/s over one-at-a-time images/s at the same N.
 
 Configs: "tiny" is the golden checkpoint (`$GOLDEN_DIR/checkpoint`, else a freshly generated tiny one); "small" is
@@ -72,14 +73,19 @@ def frames(n: int) -> list[bytes]:
     return out
 
 
-def _timed(fn: Callable[[], object], device: str) -> float:
+def _timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call; CPU time is the steadier number on a shared machine."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _median(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
 
 
 def bench_config(config: str, device: str, reps: int) -> list[dict]:
@@ -90,22 +96,23 @@ def bench_config(config: str, device: str, reps: int) -> list[dict]:
     rows = []
     for n in IMAGE_COUNTS:
         batch = images[:n]
-        batched = statistics.median(_timed(lambda: encoder.encode(batch, MAX_SLICE_NUMS), device) for _ in range(reps))
-        per_call: list[float] = []
-        for _ in range(reps):
-            per_call.extend(_timed(lambda im=im: encoder.encode([im], MAX_SLICE_NUMS), device) for im in batch)
-        single = statistics.median(per_call)
+        batched, batched_cpu = _median(
+            [_timed(lambda: encoder.encode(batch, MAX_SLICE_NUMS), device) for _ in range(reps)]
+        )
+        single, single_cpu = _median(
+            [_timed(lambda im=im: encoder.encode([im], MAX_SLICE_NUMS), device) for _ in range(reps) for im in batch]
+        )
         common = {"config": config, "device": device, "dtype": str(dtype).removeprefix("torch."), "images": n,
                   "slices_per_image": slices, "batch_size": encoder.batch_size}
         rows.append({**common, "mode": "batched", "images_per_s": n / batched, "latency_ms": batched * 1e3,
-                     "speedup": single * n / batched})
+                     "cpu_ms_per_image": batched_cpu * 1e3 / n, "speedup": single * n / batched})
         rows.append({**common, "mode": "one-at-a-time", "images_per_s": 1 / single, "latency_ms": single * 1e3,
-                     "speedup": 1.0})
+                     "cpu_ms_per_image": single_cpu * 1e3, "speedup": 1.0})
     return rows
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    reps = 1 if args.quick else 3
+    reps = 1 if args.quick else 2
     rows = []
     for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
         rows.extend(bench_config(config, args.device, reps))

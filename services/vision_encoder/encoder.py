@@ -21,6 +21,7 @@ from services.vision_encoder.processor import (
     ImageProcessorConfig,
     PreprocessedImage,
     SliceLayout,
+    image_placeholder,
     load_image,
     preprocess,
 )
@@ -30,6 +31,11 @@ from services.vision_encoder.processor import (
 class EncodedImage:
     layout: SliceLayout
     embeddings: torch.Tensor  # (n_slices * query_num, llm_hidden), on the CPU, in the model's dtype
+
+    def placeholder(self, image_idx: int, use_image_id: bool) -> str:
+        """The prompt text these embeddings fill (upstream `get_slice_image_placeholder`)."""
+        query_num = self.embeddings.shape[0] // self.layout.n_slices
+        return image_placeholder(self.layout, image_idx, use_image_id, query_num)
 
 
 def collate_slices(

@@ -117,3 +117,5 @@ def test_encoder_matches_reference(golden, batch_size):
     golden.check("b.resampler.out", per_slice)
     for enc, meta in zip(encoded, metas, strict=True):
         assert enc.layout.n_slices == meta["n_slices"]
+        assert enc.placeholder(1, True) == meta["placeholders"]["use_image_id=True,image_idx=1"]
+        assert enc.placeholder(0, False) == meta["placeholders"]["use_image_id=False,image_idx=0"]
