@@ -8,6 +8,8 @@ whatever the config says. Insertion order follows upstream's state dict.
 
 from __future__ import annotations
 
+import re
+
 from services.common.config import AudioConfig, LLMConfig, ModelConfig, TTSConfig, VisionConfig
 
 Shapes = dict[str, tuple[int, ...]]
@@ -196,6 +198,11 @@ def official_shapes(cfg: ModelConfig) -> Shapes:
         | audio_projection_shapes(cfg)
         | tts_shapes(cfg.tts)
     )
+
+
+def layer_pattern(key: str) -> str:
+    """`key` with its layer index replaced by `*`: checkpoints of the same layout but different depths agree."""
+    return re.sub(r"\.layers\.\d+\.", ".layers.*.", key)
 
 
 def service_of(key: str) -> str | None:
