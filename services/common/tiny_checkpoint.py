@@ -431,7 +431,11 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> to
     return normal / math.sqrt(fan_in)
 
 
-def _write_shards(out: Path, cfg: ModelConfig, seed: int) -> None:
+def write_random_weights(out: Path, cfg: ModelConfig, seed: int) -> None:
+    """Random bf16 weights for every tensor of `official_shapes(cfg)`, sharded by SHARD_GROUPS, plus the index.
+
+    Usable for any config (e.g. `small_config()` dims for benchmarks); the values depend only on `seed`.
+    """
     gen = torch.Generator().manual_seed(seed)
     shapes = official_shapes(cfg)
     n = len(SHARD_GROUPS)
@@ -492,7 +496,7 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     config = tiny_config_json(llm_tok, tts_tok)
     _write_json(out / "config.json", config)
     _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
-    _write_shards(out, ModelConfig.from_dict(config), seed)
+    write_random_weights(out, ModelConfig.from_dict(config), seed)
     _write_vocos(out / "assets" / "Vocos.pt", seed + 1)
     return out
 
