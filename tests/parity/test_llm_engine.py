@@ -349,3 +349,15 @@ def test_bad_input_is_rejected_before_it_reaches_the_engine(model, tok, special)
         asyncio.run(main())
     finally:
         engine.stop()
+
+
+def test_stopping_the_engine_fails_running_answers(model, tok, special):
+    engine = make_engine(model, special, stop_ids=())
+
+    async def main():
+        await engine.prefill("s", embed_text(model, tok, user_turn(TEXTS[0])))
+        with pytest.raises(RuntimeError, match="engine stopped"):
+            async for _ in engine.generate("s", embed_text(model, tok, ASSISTANT), GREEDY.with_(max_new_tokens=10_000)):
+                engine.stop()
+
+    asyncio.run(main())

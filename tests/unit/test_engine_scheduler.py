@@ -136,3 +136,21 @@ def test_stats_count_decoding_prefilling_and_waiting():
     s.add("c", 3, decode=False)
     run_step(s)
     assert s.stats() == {"decoding": 1, "prefilling": 1, "waiting": 2}
+
+
+def test_abort_all_retires_every_request_and_keeps_committed_kv():
+    s = make(max_batch_tokens=4)
+    s.finish(run_step_request(s, "a", 4))
+    r1 = s.add("a", 2, decode=True)
+    r2 = s.add("b", 8, decode=False)
+    s.add("c", 8, decode=False)  # never started: its session never existed
+    run_step(s)  # a's prefix (2 rows) and the first 2 rows of b
+    pending = s.abort_all()
+    assert pending[:2] == [r1, r2] and all(r.finished for r in pending) and not s.has_work()
+    assert (s.blocks.num_tokens("a"), s.blocks.num_tokens("b"), s.blocks.has("c")) == (6, 2, False)
+
+
+def run_step_request(s: Scheduler, sid: str, n: int):
+    r = s.add(sid, n, decode=False)
+    run_step(s)
+    return r

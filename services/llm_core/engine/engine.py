@@ -308,30 +308,38 @@ class LLMEngine:
                 while self._running and not self.scheduler.has_work():
                     self._cv.wait()
                 if not self._running:
+                    self._fail_all(RuntimeError("LLM engine stopped"))
                     return
                 batch = self.scheduler.schedule()
                 for r, err in batch.failed:
                     r.payload.deliver(err)
-                fwd = self._build(batch) if batch else None
             for sid in batch.evicted:
                 if self.on_evict is not None:
                     self.on_evict(sid)
-            if fwd is None:
-                continue
-            try:
-                logits, hidden = self.runner.forward(fwd)
-            except Exception as e:  # a failing step must not take the replica down: fail its requests only
-                with self._cv:
-                    for r in [*batch.decodes, *(c.request for c in batch.prefills)]:
-                        if not r.finished:
-                            self.scheduler.finish(r)
-                            r.payload.deliver(e)
-                continue
+            if batch:
+                self._step(batch)
+
+    def _step(self, batch: ScheduledBatch) -> None:
+        try:
+            with self._cv:
+                fwd = self._build(batch)
+            logits, hidden = self.runner.forward(fwd)
             with self._cv:
                 self._apply(batch, logits, hidden)
                 self.steps += 1
                 self.mixed_steps += bool(batch.decodes and batch.prefills)
                 self.last_batch_tokens = batch.num_tokens
+        except Exception as e:  # a failing step must not take the replica down: fail its requests only
+            with self._cv:
+                for r in [*batch.decodes, *(c.request for c in batch.prefills)]:
+                    if not r.finished:
+                        self.scheduler.finish(r)
+                        r.payload.deliver(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        """Under the lock: fail every queued or running request (engine shutdown)."""
+        for r in self.scheduler.abort_all():
+            r.payload.deliver(error)
 
     def _build(self, batch: ScheduledBatch) -> ForwardBatch:
         """Under the lock: the packed rows, positions and pool slots of a scheduled batch."""

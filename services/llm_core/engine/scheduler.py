@@ -236,3 +236,14 @@ class Scheduler:
             r.finished = True
         self.blocks.free(session_id)
         return pending
+
+    def abort_all(self) -> list[Request]:
+        """Retire every queued request (shutdown); sessions keep their committed KV."""
+        pending = [r for q in self._queues.values() for r in q]
+        for r in pending:
+            r.finished = True
+        self._queues.clear()
+        for sid in self.blocks.sessions():
+            if self.blocks.num_tokens(sid) == 0:
+                self.blocks.free(sid)
+        return pending

@@ -1,0 +1,162 @@
+"""`minicpmo bench llm`: continuous-batching decode throughput and latency of the LLM engine.
+
+For each config (tiny = the golden checkpoint, small = `small_config()` with random weights) and each number of
+concurrent sessions (1, 4, 16, 64): every session first prefills a prompt, then all answer at once; we report
+aggregate decode tokens/s over all sessions, the per-session inter-token latency (time between consecutive
+tokens as the asyncio caller receives them), and the speed-up over 1 session. A separate row gives the time to
+prefill one 1-second live unit (~90 rows: `<unit>` + 64 image + 25 audio embeddings) into a session that
+already holds a system prompt, with nobody else on the engine.
+
+Answers run with no stop ids and greedy choice so every session produces exactly the same number of tokens
+(random weights would otherwise stop at random); sampling cost is not part of these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.common.config import small_config
+from services.llm_core.engine import LLMEngine
+from services.llm_core.model import LLMModel, build_llm_model, load_llm_model
+from services.llm_core.sampling import GREEDY
+
+SESSION_COUNTS = (1, 4, 16, 64)
+PROMPT_TOKENS = 64
+SYSTEM_PROMPT_TOKENS = 80
+UNIT_TOKENS = 90  # one live unit: <unit> + 64 image rows + <|audio_start|> + 25 audio rows + <|audio_end|> ...
+
+
+def random_llm_model(device: str, dtype: torch.dtype, seed: int = 0) -> LLMModel:
+    """The small config's backbone with random weights (no checkpoint at that size exists)."""
+    model = build_llm_model(small_config(), device=device, dtype=dtype)
+    model.llm.to_empty(device=device)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.dim() == 2 and "embed" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if p.dim() == 1 else 1.0))
+    model.materialize_buffers()
+    return model.to(dtype)
+
+
+def tiny_model_dir() -> Path:
+    """The golden tiny checkpoint (`$GOLDEN_DIR/checkpoint`, default ../shared/golden), else a generated one."""
+    golden = Path(os.environ.get("GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
+    if (golden / "checkpoint" / "config.json").is_file():
+        return golden / "checkpoint"
+    from services.common.tiny_checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="minicpmo-tiny-")))
+
+
+def load_config(name: str, device: str) -> LLMModel:
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if name == "tiny":
+        return load_llm_model(tiny_model_dir(), device=device, dtype=dtype)
+    if name == "small":
+        return random_llm_model(device, dtype)
+    raise ValueError(f"unknown bench config {name!r} (tiny, small)")
+
+
+def random_embeds(model: LLMModel, n: int, gen: torch.Generator) -> torch.Tensor:
+    ids = torch.randint(0, model.vocab_size, (n,), generator=gen)
+    return model.embed_tokens(ids)
+
+
+async def decode_run(engine: LLMEngine, model: LLMModel, sessions: int, new_tokens: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(sessions)
+    sids = [f"bench-{sessions}-{i}" for i in range(sessions)]
+    await asyncio.gather(*(engine.prefill(s, random_embeds(model, PROMPT_TOKENS, gen)) for s in sids))
+    prefix = random_embeds(model, 11, gen)
+    params = GREEDY.with_(max_new_tokens=new_tokens)
+    stamps: list[list[float]] = []
+
+    async def answer(sid: str) -> None:
+        times = []
+        async for _ in engine.generate(sid, prefix, params):
+            times.append(time.perf_counter())
+        stamps.append(times)
+
+    steps0 = engine.stats()["steps"]
+    start = time.perf_counter()
+    await asyncio.gather(*(answer(s) for s in sids))
+    end = time.perf_counter()
+    steps = engine.stats()["steps"] - steps0
+    for s in sids:
+        engine.drop(s)
+    # decode phase: from the moment every session had its first token to the last token
+    decode_start = max(t[0] for t in stamps)
+    decode_tokens = sum(sum(1 for x in t if x > decode_start) for t in stamps)
+    gaps = sorted(b - a for t in stamps for a, b in zip(t, t[1:]))
+    return {
+        "tokens": sum(len(t) for t in stamps),
+        "wall_s": end - start,
+        "agg_tok_s": decode_tokens / (end - decode_start) if end > decode_start else float("nan"),
+        "itl_ms_mean": 1e3 * statistics.fmean(gaps),
+        "itl_ms_p50": 1e3 * gaps[len(gaps) // 2],
+        "itl_ms_p95": 1e3 * gaps[min(len(gaps) - 1, int(0.95 * len(gaps)))],
+        "first_token_ms": 1e3 * (statistics.fmean(t[0] for t in stamps) - start),
+        "steps": steps,
+    }
+
+
+async def unit_prefill_ms(engine: LLMEngine, model: LLMModel, reps: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(1234)
+    times = []
+    for i in range(reps):
+        sid = f"unit-{i}"
+        await engine.prefill(sid, random_embeds(model, SYSTEM_PROMPT_TOKENS, gen))
+        unit = random_embeds(model, UNIT_TOKENS, gen)
+        t0 = time.perf_counter()
+        await engine.prefill(sid, unit)
+        times.append(time.perf_counter() - t0)
+        engine.drop(sid)
+    return {"unit_prefill_ms": 1e3 * statistics.median(times), "unit_tokens": UNIT_TOKENS, "reps": reps}
+
+
+def bench_config(name: str, device: str, quick: bool) -> list[dict[str, Any]]:
+    model = load_config(name, device)
+    new_tokens = 8 if quick else 32
+    counts = SESSION_COUNTS
+    budget = max(counts) * (PROMPT_TOKENS + 11 + new_tokens + 16)
+    engine = LLMEngine(model, kv_budget_tokens=budget, max_batch_tokens=1024, stop_ids=())
+    engine.start()
+    rows: list[dict[str, Any]] = []
+    try:
+        asyncio.run(decode_run(engine, model, 2, 4))  # warm-up (first-call allocations)
+        base = None
+        for n in counts:
+            r = asyncio.run(decode_run(engine, model, n, new_tokens))
+            base = base or r["agg_tok_s"]
+            rows.append({"config": name, "device": device, "sessions": n, **r, "speedup_vs_1": r["agg_tok_s"] / base})
+        unit = asyncio.run(unit_prefill_ms(engine, model, 3 if quick else 7))
+        rows.append({"config": name, "device": device, "sessions": 1, **unit})
+    finally:
+        engine.stop()
+    return rows
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        rows += bench_config(name, args.device, args.quick)
+    small16 = [r for r in rows if r["config"] == "small" and r.get("sessions") == 16 and "speedup_vs_1" in r]
+    if small16 and args.device == "cpu":
+        ok = small16[0]["speedup_vs_1"] >= 8
+        print(f"TARGET (cpu, small): 16 sessions >= 8x the tokens/s of 1: {small16[0]['speedup_vs_1']:.1f}x "
+              f"{'met' if ok else 'NOT met'}")
+    return rows
