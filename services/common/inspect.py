@@ -1,19 +1,20 @@
 """`minicpmo inspect-checkpoint DIR`: what a checkpoint directory holds and whether it has the official layout.
 
 Reads only headers (no tensor data), so it is instant even on the real 8B checkpoint. Exit status 1 when keys
-are missing, unexpected or mis-shaped versus `official_shapes(config)`, so scripts and init containers can gate
-on it.
+are missing, unexpected or mis-shaped versus `official_shapes(config)` (or expected files are missing), 2 when
+the directory cannot be read as a checkpoint at all, so scripts and init containers can gate on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.checkpoint import CheckpointReader
+from services.common.checkpoint import CheckpointError, CheckpointReader
 from services.common.checkpoint_layout import SERVICE_PREFIXES, official_shapes, service_of
 from services.common.config import ModelConfig
 
@@ -116,6 +117,10 @@ def register_cli(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    summary = summarize(args.dir)
+    try:
+        summary = summarize(args.dir)
+    except (CheckpointError, OSError, ValueError) as e:  # unreadable directory: say why, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(render(summary))
     return 0 if summary.ok else 1

@@ -63,6 +63,11 @@ def test_inspect_reports_a_missing_key(tiny, tmp_path, capsys):
     assert "1 missing" in report and "llm.model.norm.weight" in report
 
 
+def test_inspect_unreadable_directory(tmp_path, capsys):
+    assert cli_main(["inspect-checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
 def test_key_set_equals_golden(tiny, golden):
     mine, theirs = CheckpointReader(tiny), CheckpointReader(golden.checkpoint)
     assert set(mine.keys()) == set(theirs.keys())
