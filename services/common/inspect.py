@@ -18,10 +18,10 @@ from services.common.checkpoint import CheckpointError, CheckpointReader
 from services.common.checkpoint_layout import SERVICE_PREFIXES, official_shapes, service_of
 from services.common.config import ModelConfig
 
-# Files besides the weights that the services read.
-EXPECTED_FILES = (
-    "config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
-    "assets/Vocos.pt", "assets/chattts_tokenizer/tokenizer.json",
+# Files besides the weights that the services read (each entry: any one of the alternatives will do).
+EXPECTED_FILES: tuple[tuple[str, ...], ...] = (
+    ("config.json",), ("tokenizer.json",), ("tokenizer_config.json",), ("preprocessor_config.json",),
+    ("assets/Vocos.pt",), ("assets/chattts_tokenizer/tokenizer.json", "assets/chattts_tokenizer/vocab.txt"),
 )
 SHOWN_KEYS = 10  # how many names of each problem kind to print
 
@@ -62,7 +62,7 @@ def summarize(model_dir: str | Path) -> CheckpointSummary:
         unexpected=sorted(set(stored) - set(expected)),
         mismatched=[f"{k}: {stored[k]} (official layout {expected[k]})"
                     for k in sorted(set(stored) & set(expected)) if stored[k] != expected[k]],
-        missing_files=[f for f in EXPECTED_FILES if not (model_dir / f).is_file()],
+        missing_files=[" or ".join(alts) for alts in EXPECTED_FILES if not any((model_dir / f).is_file() for f in alts)],
     )
 
 

@@ -63,6 +63,16 @@ def test_inspect_reports_a_missing_key(tiny, tmp_path, capsys):
     assert "1 missing" in report and "llm.model.norm.weight" in report
 
 
+def test_inspect_reports_missing_files(tiny, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny.iterdir():
+        if f.name != "preprocessor_config.json":
+            (broken / f.name).symlink_to(f)
+    assert cli_main(["inspect-checkpoint", str(broken)]) == 1
+    assert "preprocessor_config.json" in capsys.readouterr().out
+
+
 def test_inspect_unreadable_directory(tmp_path, capsys):
     assert cli_main(["inspect-checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
