@@ -50,6 +50,8 @@ def collate_slices(
 
 
 class VisionEncoder:
+    """Loads `vpm.` + `resampler.` only; `encode` takes encoded image files or PIL images, any number per call."""
+
     def __init__(
         self,
         model_dir: str | Path,
@@ -62,7 +64,7 @@ class VisionEncoder:
     ):
         """`batch_size` slices per forward; None takes `vision_batch_size` from config.json (upstream: 16)."""
         model_cfg = ModelConfig.from_model_dir(model_dir)
-        model = load_vision_model(str(model_dir), device, dtype, attn_implementation, progress)
+        model = load_vision_model(model_dir, device, dtype, attn_implementation, progress)
         processor_cfg = ImageProcessorConfig.from_model_dir(model_dir, max_pixels=max_pixels)
         self._setup(model, processor_cfg, batch_size or model_cfg.vision_batch_size, device, dtype)
 

@@ -11,6 +11,7 @@ geometry for the position embeddings and mark which tokens are padding.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -205,7 +206,7 @@ def build_vision_model(
 
 
 def load_vision_model(
-    model_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa", progress: bool = False,
 ) -> VisionModel:
     """Build on the meta device and load `vpm.` + `resampler.` from the checkpoint shards (nothing else)."""
