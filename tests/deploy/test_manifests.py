@@ -103,7 +103,7 @@ def test_serve_config_is_embedded_verbatim(tree):
     embedded = _ray_service(objects)["spec"]["serveConfigV2"]
     source = TREES[name][1]
     assert embedded == source.read_text(), (
-        f"{name}: serveConfigV2 differs from {source.relative_to(ROOT)}; paste the file into the manifest")
+        f"{name}: serveConfigV2 differs from {source.relative_to(ROOT)}; run `python k8s/sync_serve_configs.py`")
 
 
 def test_ray_pods_get_the_app_environment_and_probes(tree):
