@@ -81,8 +81,8 @@ class DVAE(nn.Module):
         self.vq_layer = GFSQ()
 
     def vq_features(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, T, 4) -> (B, 1024, T)."""
-        return self.vq_layer(codes)
+        """(B, T, 4) -> (B, 1024, T) in the decoder's dtype (the FSQ lookup itself stays float32)."""
+        return self.vq_layer(codes).to(self.coef.dtype)
 
     def decoder_out(self, vq_feats: torch.Tensor) -> torch.Tensor:
         """(B, 1024, T) -> (B, 512, 2T): channel halves interleaved in time, then the ConvNeXt decoder."""
@@ -103,4 +103,5 @@ def load_dvae(reader: CheckpointReader, device: torch.device | str = "cpu",
         dvae = DVAE()
     wrapped = nn.ModuleDict({"tts": nn.ModuleDict({"dvae": dvae})})
     load_module(wrapped, reader, (DVAE_PREFIX,), dtype=dtype, device=device, progress=progress)
-    return dvae.to(dtype).eval()
+    dvae.to(dtype).vq_layer.float()  # FSQ maths in float32, as vector-quantize-pytorch expects
+    return dvae.eval()

@@ -218,7 +218,10 @@ class ConditionalChatTTS(nn.Module):
                 cache: KVCache) -> torch.Tensor:
         """inputs (B, q, H) at positions (B, q); visible (B, q, kv_len) bool; returns last hidden (B, q, H)."""
         cache.bind(positions, visible.shape[-1])
-        out = self.model(inputs_embeds=inputs_embeds, position_ids=positions, attention_mask=visible[:, None],
+        # Additive float mask as upstream (finfo.min = hidden): CPU SDPA is ~1000x slower with a boolean mask.
+        dtype = inputs_embeds.dtype
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+        out = self.model(inputs_embeds=inputs_embeds, position_ids=positions, attention_mask=mask[:, None],
                          past_key_values=cache, use_cache=False)
         return out.last_hidden_state
 
@@ -266,8 +269,9 @@ class CodeSampler:
     """Upstream's per-step code choice: temperature per codebook, top-p 0.7 / top-k 20 (min 3 kept, skipped on
     the [Ptts] step), eos masked for the first 10 steps of a call, multinomial; or argmax when greedy."""
 
-    def __init__(self, cfg: TTSConfig, eos_id: int):
+    def __init__(self, cfg: TTSConfig, eos_id: int, force_no_stop: bool = False):
         self.eos_id = eos_id
+        self.force_no_stop = force_no_stop  # upstream's `force_no_stop`: eos never sampled (fixed-length benches)
         self.warpers = [TopPLogitsWarper(cfg.top_p, min_tokens_to_keep=MIN_TOKENS_TO_KEEP),
                         TopKLogitsWarper(cfg.top_k, min_tokens_to_keep=MIN_TOKENS_TO_KEEP)]
         self.temperatures = torch.tensor(TEMPERATURES, dtype=torch.float32)[:, None]
@@ -281,7 +285,7 @@ class CodeSampler:
         if not is_bos_step:
             for warp in self.warpers:
                 logits = warp(None, logits)
-        if step_in_call < MIN_NEW_TOKENS:
+        if step_in_call < MIN_NEW_TOKENS or self.force_no_stop:
             logits[:, self.eos_id] = -torch.inf
         if greedy:
             return logits.argmax(-1)

@@ -88,6 +88,7 @@ class Vocoder:
     def _setup(self, dvae: DVAE, vocos: Vocos, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
         self.dvae = dvae.to(device, dtype).eval()
+        self.dvae.vq_layer.float()  # FSQ maths in float32, as vector-quantize-pytorch expects
         # The ISTFT head stays float32 (as upstream's `.float()` Vocos); the backbone runs in the serving dtype.
         self.vocos = vocos.to(device).eval()
         self.vocos.backbone.to(dtype)
