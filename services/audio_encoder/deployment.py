@@ -41,7 +41,8 @@ class AudioEncoder(SessionAffinityReplica):
         self.owned = OwnedSessions(self.store, "audio", lambda sid: self.streams.pop(sid, None)) if self.store else None
 
     async def Encode(self, request: audio_pb2.EncodeAudioRequest) -> audio_pb2.EncodeAudioResponse:
-        result = await self._encode_batched(request)
+        with metrics.stage_timer("audio_offline"):
+            result = await self._encode_batched(request)
         if isinstance(result, Exception):
             raise result
         return result

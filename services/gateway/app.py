@@ -14,6 +14,14 @@
 Per-deployment overrides are `Deployment.options(...)` keyword arguments (num_replicas, autoscaling_config,
 max_ongoing_requests, ray_actor_options, health_check_period_s, request_router_config, ...) and may also carry
 `init_kwargs`, extra constructor arguments of that deployment (e.g. LLMCore kv_budget_tokens).
+
+gRPC (Ray Serve 2.60 proxy): register GRPC_SERVICER_FUNCTIONS in `grpc_options.grpc_servicer_functions`. The
+proxy forwards every registered method to the ingress deployment's method of the same name, so
+`grpc.health.v1.Health/Check` is answered by `Gateway.Check` (Kubernetes gRPC probes work; `Watch`, a stream
+the probes do not use, is not served). Server reflection (a bidirectional stream, which the proxy would not
+forward) is served by the proxy itself: `grpc_options.enable_reflection` (default true) registers it as a
+passthrough service that answers from the descriptors of the registered services, so grpcurl/grpcui work
+without the .proto files.
 """
 
 from __future__ import annotations

@@ -94,7 +94,14 @@ class Answer:
 
 
 class MiniCPMOClient:
-    def __init__(self, target: str = "127.0.0.1:9000", api_key: str | None = None, timeout_s: float | None = 300.0):
+    def __init__(
+        self,
+        target: str = "127.0.0.1:9000",
+        api_key: str | None = None,
+        timeout_s: float | None = 300.0,
+        application: str | None = None,
+    ):
+        """`application`: the Serve application to call when the proxy serves several (metadata `application`)."""
         self.channel = grpc.insecure_channel(
             target,
             options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
@@ -102,6 +109,7 @@ class MiniCPMOClient:
         self.stub = omni_pb2_grpc.MiniCPMOStub(self.channel)
         self.api_key = api_key
         self.timeout_s = timeout_s
+        self.application = application
 
     def close(self) -> None:
         self.channel.close()
@@ -114,6 +122,8 @@ class MiniCPMOClient:
 
     def _md(self, session_id: str | None = None) -> list[tuple[str, str]]:
         md = [("x-api-key", self.api_key)] if self.api_key else []
+        if self.application:
+            md.append(("application", self.application))
         if session_id:
             md.append(("session_id", session_id))
         return md

@@ -44,11 +44,10 @@ from services.gateway.prompts import (
     build_streaming_prefill,
     system_prompt,
 )
-from services.gateway.sessions import SessionNotFound, SessionRecord, SessionStore
+from services.gateway.sessions import SessionRecord, SessionStore
 from services.gateway.tdm import TDMMuxer, Unit
 from services.llm_core.sampling import STREAMING_DEFAULTS
 
-__all__ = ["LiveSessions", "SessionBusy", "SessionNotFound"]
 
 _MODE_NAMES = {v: k for k, v in MODES.items()}
 _STATES = {
@@ -58,10 +57,6 @@ _STATES = {
     "answered": omni_pb2.SESSION_STATE_IDLE,
     "interrupted": omni_pb2.SESSION_STATE_IDLE,
 }
-
-
-class SessionBusy(Exception):
-    """A session call that its turn state does not allow now (FAILED_PRECONDITION)."""
 
 
 def prompt_state(previous_turn: str) -> StreamingPromptState:
@@ -216,9 +211,7 @@ class LiveSessions:
         local = self._local(sid)
         async with local.lock:
             await self._prefill_units(sid, local.muxer.flush())  # the partial last second (upstream: short chunk)
-        if record.turn == "answering" or (await self.store.get(sid)).turn == "answering":
-            raise SessionBusy(f"session {sid} is already answering; Interrupt it first")
-        await self.store.set_turn(sid, "answering")
+        await self.store.set_turn(sid, "answering")  # InvalidTurn if an answer is already running
         prefix = assistant_prefix(self.pipeline.tokenizer)
         speech = opts.speech if opts.speech.enabled else None
         gen = llm_pb2.GenerateRequest(

@@ -1,8 +1,9 @@
 """Custom Prometheus metrics of the pipeline, exported the way Ray Serve exports custom metrics
 (`ray.serve.metrics`: scraped from each node's metrics agent, tagged with deployment and replica).
 
-Per-stage latency and queue depth are recorded by every deployment (`stage` tag); the answer-level metrics
-(time to first token / audio, speech real-time factor, active sessions) by the gateway.
+Per-stage latency is recorded by every deployment (`stage` tag), the LLM engine's queue depth by LLMCore; the
+answer-level metrics (time to first token / audio, speech real-time factor, active sessions) by the gateway.
+Ray Serve's own series complement them: per-deployment queued and ongoing requests, replica counts, latencies.
 """
 
 from __future__ import annotations

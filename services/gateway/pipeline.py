@@ -304,7 +304,6 @@ class Pipeline:
             ephemeral=True,
         )
         stats.prompt_tokens = len(prompt)
-        metrics.REQUESTS.inc(tags={"rpc": "Chat"})
         async for event in self.answer(gen, pieces, request.options.speech if speech else None, stats):
             yield event
 
@@ -425,6 +424,7 @@ class Pipeline:
         await tts.Start.remote(start)
         index = 0
         finished = False
+        spoken = False  # an answer of only end tokens has nothing to speak: no Finish then
         try:
             while not finished:
                 text = await text_q.get()
@@ -438,16 +438,17 @@ class Pipeline:
                 if text is None:
                     finished = True
                 if parts:
+                    spoken = True
                     chunks = await tts.PushText.remote(tts_pb2.PushTextRequest(utterance_id=utterance, text="".join(parts)))
                     index = await self._emit_speech(utterance, chunks, index, False, with_audio, with_codes, stats, out)
-                if finished and stats.finish != omni_pb2.FINISH_REASON_INTERRUPTED:
+                if finished and spoken and stats.finish != omni_pb2.FINISH_REASON_INTERRUPTED:
                     chunks = await tts.Finish.remote(tts_pb2.UtteranceRef(utterance_id=utterance))
                     index = await self._emit_speech(utterance, chunks, index, True, with_audio, with_codes, stats, out)
                     return
         except BaseException:
             await tts.Cancel.remote(tts_pb2.UtteranceRef(utterance_id=utterance))
             raise
-        await tts.Cancel.remote(tts_pb2.UtteranceRef(utterance_id=utterance))  # interrupted: drop the rest
+        await tts.Cancel.remote(tts_pb2.UtteranceRef(utterance_id=utterance))  # interrupted or silent: free it
 
     async def _emit_speech(self, utterance, chunks: tts_pb2.SpeechChunks, index, last, with_audio, with_codes, stats, out) -> int:
         items = list(chunks.chunks)

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import grpc
 from grpc_health.v1 import health_pb2
+from redis.exceptions import RedisError
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -21,6 +22,7 @@ from protos.minicpmo.v1 import omni_pb2
 from services.gateway import metrics
 from services.gateway.auth import ApiKeyAuth, PermissionDenied, Unauthenticated
 from services.gateway.pipeline import LimitExceeded, Pipeline
+from services.gateway.sessions import InvalidTurn, LeaseLost, SessionLimitExceeded, SessionNotFound
 
 log = logging.getLogger("ray.serve")
 
@@ -31,7 +33,6 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     Errors raised in another deployment arrive as Ray task errors that are also instances of the original
     class, so one `isinstance` ladder covers both.
     """
-    from services.gateway.live import SessionBusy, SessionNotFound  # noqa: PLC0415 (cycle)
     from services.llm_core.engine.engine import ContextLengthError, EngineFullError
 
     msg = _message(exc)
@@ -41,13 +42,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.PERMISSION_DENIED, msg
     if isinstance(exc, SessionNotFound):
         return grpc.StatusCode.NOT_FOUND, msg
-    if isinstance(exc, SessionBusy):
-        return grpc.StatusCode.FAILED_PRECONDITION, msg
-    if isinstance(exc, (LimitExceeded, EngineFullError, ContextLengthError, BackPressureError)):
+    if isinstance(exc, InvalidTurn):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"{msg} (Interrupt the running answer first)"
+    if isinstance(exc, (LimitExceeded, SessionLimitExceeded, EngineFullError, ContextLengthError, BackPressureError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, msg
     if isinstance(exc, ValueError):  # every input error of the components subclasses ValueError
         return grpc.StatusCode.INVALID_ARGUMENT, msg
-    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError, ConnectionError)):
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError,
+                        ConnectionError, LeaseLost, RedisError)):  # fmt: skip
         return grpc.StatusCode.UNAVAILABLE, f"a pipeline stage is unavailable, retry: {msg}"
     return grpc.StatusCode.INTERNAL, msg
 

@@ -16,6 +16,7 @@ from ray import serve
 from protos.minicpmo.v1 import tts_pb2
 from services.common.routing import SessionAffinityReplica, affinity_router_config
 from services.common.tensor_codec import from_proto, to_proto
+from services.gateway import metrics
 from services.gateway.stage import device_alive, limit_threads, off_loop, replica_dtype
 
 SAMPLE_RATE = 24000
@@ -79,12 +80,14 @@ class TTSDecoder(SessionAffinityReplica):
 
     async def PushText(self, request: tts_pb2.PushTextRequest) -> tts_pb2.SpeechChunks:
         state = self._state(request.utterance_id)
-        return _chunks_msg(await off_loop(self.decoder.push_text, state, request.text))
+        with metrics.stage_timer("tts_push"):
+            return _chunks_msg(await off_loop(self.decoder.push_text, state, request.text))
 
     async def Finish(self, request: tts_pb2.UtteranceRef) -> tts_pb2.SpeechChunks:
         state = self._state(request.utterance_id)
         try:
-            return _chunks_msg(await off_loop(self.decoder.finish, state))
+            with metrics.stage_timer("tts_finish"):
+                return _chunks_msg(await off_loop(self.decoder.finish, state))
         finally:
             self.utterances.pop(request.utterance_id, None)
 
@@ -124,7 +127,8 @@ class Vocoder(SessionAffinityReplica):
         self.streams[uid] = (entry[0], time.monotonic())
         codes = from_proto(request.codes)
         try:
-            audio = await off_loop(self.vocoder.push, entry[0], codes, flush=request.last)
+            with metrics.stage_timer("vocoder"):
+                audio = await off_loop(self.vocoder.push, entry[0], codes, flush=request.last)
         finally:
             if request.last:
                 self.streams.pop(uid, None)

@@ -10,6 +10,7 @@ from ray import serve
 
 from protos.minicpmo.v1 import vision_pb2
 from services.common.tensor_codec import to_proto
+from services.gateway import metrics
 from services.gateway.stage import device_alive, limit_threads, off_loop, replica_dtype
 
 
@@ -28,7 +29,8 @@ class VisionEncoder:
         self.encoder = Encoder(model_dir, device=device, dtype=replica_dtype(device), batch_size=batch_size)
 
     async def Encode(self, request: vision_pb2.EncodeImagesRequest) -> vision_pb2.EncodeImagesResponse:
-        result = await self._encode_batched(request)
+        with metrics.stage_timer("vision"):
+            result = await self._encode_batched(request)
         if isinstance(result, Exception):  # this request's own input error, kept apart from its batch neighbours
             raise result
         return result

@@ -17,6 +17,7 @@ from tests.servers import RedisServer, free_port
 KEYS = ("e2e-key-alpha", "e2e-key-beta")
 APP_NAME = "minicpmo"
 IDLE_TTL_S = 15  # short, so the expiry test waits seconds, not the production 10 minutes
+MAX_SESSION_TOKENS = 2048  # small, so the limit test reaches it with a few appends
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ServedApp:
     redis_url: str
     model_dir: str
     keys: tuple[str, ...]
+    max_session_tokens: int
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +49,10 @@ def served(golden) -> ServedApp:
         model_dir = str(golden.checkpoint)
         app = build_app({
             "model_dir": model_dir, "redis_url": redis.url, "api_keys": ",".join(KEYS), "device": "cpu",
-            "limits": {"session_idle_ttl_s": IDLE_TTL_S},
+            "limits": {"session_idle_ttl_s": IDLE_TTL_S, "max_session_tokens": MAX_SESSION_TOKENS},
         })  # fmt: skip
         serve.run(app, name=APP_NAME, route_prefix="/")
-        yield ServedApp(f"127.0.0.1:{grpc_port}", redis.url, model_dir, KEYS)
+        yield ServedApp(f"127.0.0.1:{grpc_port}", redis.url, model_dir, KEYS, MAX_SESSION_TOKENS)
     finally:
         serve.shutdown()
         ray.shutdown()

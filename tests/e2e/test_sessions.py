@@ -74,14 +74,18 @@ def test_interrupt_then_new_turn(client, unit_inputs):
     pcm, frames = unit_inputs
     sid = client.create_session().session_id
     feed_units(client, sid, pcm, frames)
-    stream = client.respond_stream(sid, greedy(400, min_new=400))
+    long = 1500  # seconds of decoding even for the tiny model: the answer is surely still running below
+    stream = client.respond_stream(sid, greedy(long, min_new=long))
     first = next(stream)  # the answer is running
     assert first.WhichOneof("event") in ("text_delta", "audio", "final")
+    with pytest.raises(grpc.RpcError) as err:  # one answer at a time per session
+        client.respond(sid, greedy(2))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert client.interrupt(sid).was_responding
     rest = [first, *stream]
     final = rest[-1].final
     assert final.finish_reason == omni_pb2.FINISH_REASON_INTERRUPTED
-    assert final.usage.completion_tokens < 400
+    assert final.usage.completion_tokens < long
     # the next user turn starts the upstream way (after `<|tts_eos|>`), and answers normally
     assert client.append(sid, text="And now?").token_count > final.usage.session_tokens
     again = client.respond(sid, greedy(5))
@@ -195,3 +199,22 @@ def test_idle_session_expires_everywhere(served, client, unit_inputs):
     with pytest.raises(grpc.RpcError) as err:
         client.get_session(sid)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_session_token_limit_is_refused_and_session_survives(served, client):
+    sid = client.create_session().session_id
+    limit = served.max_session_tokens
+    refused = None
+    for _ in range(64):  # ~1000 chars per append: the limit is hit long before the loop ends
+        try:
+            client.append(sid, text="The quick brown fox jumps over the lazy dog. " * 22)
+        except grpc.RpcError as e:
+            refused = e
+            break
+    assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+    info = client.get_session(sid)
+    assert info.token_count <= limit
+    client.close_session(sid)
+    other = client.create_session().session_id  # the replicas keep serving
+    assert client.respond(other, greedy(2)).final.usage.completion_tokens >= 1
+    client.close_session(other)
