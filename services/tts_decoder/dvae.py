@@ -12,6 +12,7 @@ from torch import nn
 from vector_quantize_pytorch import GroupedResidualFSQ
 
 from services.common.checkpoint import CheckpointReader, load_module
+from services.tts_decoder.model import with_prefix
 
 DVAE_PREFIX = "tts.dvae."
 NUM_MEL_BINS = 100
@@ -101,7 +102,6 @@ def load_dvae(reader: CheckpointReader, device: torch.device | str = "cpu",
     # checkpoint does not hold.
     with torch.device(device):
         dvae = DVAE()
-    wrapped = nn.ModuleDict({"tts": nn.ModuleDict({"dvae": dvae})})
-    load_module(wrapped, reader, (DVAE_PREFIX,), dtype=dtype, device=device, progress=progress)
+    load_module(with_prefix(DVAE_PREFIX, dvae), reader, (DVAE_PREFIX,), dtype=dtype, device=device, progress=progress)
     dvae.to(dtype).vq_layer.float()  # FSQ maths in float32, as vector-quantize-pytorch expects
     return dvae.eval()

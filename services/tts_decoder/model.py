@@ -220,7 +220,8 @@ class ConditionalChatTTS(nn.Module):
         cache.bind(positions, visible.shape[-1])
         # Additive float mask as upstream (finfo.min = hidden): CPU SDPA is ~1000x slower with a boolean mask.
         dtype = inputs_embeds.dtype
-        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        mask.masked_fill_(~visible, torch.finfo(dtype).min)
         out = self.model(inputs_embeds=inputs_embeds, position_ids=positions, attention_mask=mask[:, None],
                          past_key_values=cache, use_cache=False)
         return out.last_hidden_state
@@ -338,7 +339,7 @@ def generate_codes(model: ConditionalChatTTS, sampler: CodeSampler, states: list
     return new
 
 
-def _wrap(prefix: str, module: nn.Module) -> nn.Module:
+def with_prefix(prefix: str, module: nn.Module) -> nn.Module:
     """Nest `module` under ModuleDicts so its state-dict names carry the checkpoint prefix (e.g. "tts.")."""
     for part in reversed(prefix.rstrip(".").split(".")):
         module = nn.ModuleDict({part: module})
@@ -354,7 +355,7 @@ def load_tts(reader: CheckpointReader, cfg: TTSConfig, device: torch.device | st
              dtype: torch.dtype = torch.float32, progress: bool = False) -> ConditionalChatTTS:
     """Build on the meta device, assign the checkpoint tensors, then materialise the rotary table on `device`."""
     model = build_tts(cfg, "meta")
-    load_module(_wrap("tts.", model), reader, TTS_PREFIXES, dtype=dtype, device=device, progress=progress)
+    load_module(with_prefix("tts.", model), reader, TTS_PREFIXES, dtype=dtype, device=device, progress=progress)
     with torch.device(device):
         model.model.rotary_emb = LlamaRotaryEmbedding(config=model.model.config)
     return model.eval()

@@ -12,7 +12,7 @@ from services.common.checkpoint import UNUSED_AT_INFERENCE, CheckpointReader
 from services.common.config import ModelConfig, real_config
 from services.tts_decoder.dvae import DVAE
 from services.tts_decoder.model import (
-    _wrap,
+    with_prefix,
     build_tts,
     load_tts,
     make_streaming_chunk_mask_generation,
@@ -133,6 +133,7 @@ def test_official_tts_keys_at_real_config(golden):
     expected = {k: tuple(v) for k, v in official.items()
                 if k.startswith("tts.") and not k.startswith(tuple(UNUSED_AT_INFERENCE))}
     dvae = DVAE()  # fixed upstream size, small; FSQ cannot be built on meta (it calls .item() in __init__)
-    mine = {k: tuple(v.shape) for k, v in _wrap("tts.", build_tts(real_config().tts, "meta")).state_dict().items()}
-    mine |= {k: tuple(v.shape) for k, v in _wrap("tts.dvae.", dvae).state_dict().items()}
+    tts = with_prefix("tts.", build_tts(real_config().tts, "meta"))
+    mine = {k: tuple(v.shape) for k, v in tts.state_dict().items()}
+    mine |= {k: tuple(v.shape) for k, v in with_prefix("tts.dvae.", dvae).state_dict().items()}
     assert mine == expected

@@ -224,3 +224,14 @@ def test_bad_inputs_have_clear_errors(codes_only):
         codes_only.feed(state, "more")
     with pytest.raises(EmptyTextError):
         codes_only.synthesize(speaker(dim, 5), " ")
+
+
+def test_runs_in_bfloat16(golden):
+    """The GPU dtype path (bf16 weights, KV and masks; float32 sampling, FSQ and ISTFT) works end to end."""
+    dec = TTSDecoder(golden.checkpoint, dtype=torch.bfloat16)
+    state = dec.start(speaker(dec.cfg.llm_dim, 6), seed=0)
+    chunks = dec.push_text(state, " ".join(WORDS[:8])) + dec.finish(state)
+    assert chunks and chunks[-1].end_of_segment
+    audio = np.concatenate([c.audio for c in chunks])
+    assert audio.dtype == np.float32 and np.isfinite(audio).all()
+    assert audio.shape[0] == sum(c.codes.shape[0] for c in chunks) * 512
