@@ -53,6 +53,7 @@ class KVCache:
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
         self.keys, self.values = keys, values
         self._rows: torch.Tensor | None = None
+        self._subset: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
         self._kv_len = 0
 
@@ -66,17 +67,6 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[2]
-
-    def reserve(self, capacity: int) -> None:
-        """Grow (copying) so that `capacity` slots fit; growth is geometric to keep copies rare."""
-        if capacity <= self.capacity:
-            return
-        new = max(capacity, self.capacity + self.capacity // 2)
-        for buf in (self.keys, self.values):
-            for i, t in enumerate(buf):
-                grown = t.new_zeros(t.shape[0], t.shape[1], new, t.shape[3])
-                grown[:, :, : t.shape[2]] = t
-                buf[i] = grown
 
     @staticmethod
     def stack(caches: list["KVCache"], lengths: list[int], capacity: int) -> "KVCache":
@@ -93,11 +83,15 @@ class KVCache:
             c.values = [v[b : b + 1] for v in batch.values]
         return batch
 
-    def bind(self, positions: torch.Tensor, kv_len: int) -> None:
-        """Positions (B, q) the next forward writes at, and how many slots it reads."""
+    def bind(self, positions: torch.Tensor, kv_len: int, rows: torch.Tensor | None = None) -> None:
+        """Positions (B, q) the next forward writes at, how many slots it reads, and (optionally) which batch rows
+        it runs on (a subset: reads then gather those rows)."""
         if kv_len > self.capacity:
             raise RuntimeError(f"KV cache of {self.capacity} slots cannot hold {kv_len}")
-        self._rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+        self._subset = rows
+        if rows is None:
+            rows = torch.arange(positions.shape[0], device=positions.device)
+        self._rows = rows[:, None].expand_as(positions)
         self._pos = positions
         self._kv_len = kv_len
 
@@ -105,6 +99,8 @@ class KVCache:
         k, v = self.keys[layer_idx], self.values[layer_idx]
         k[self._rows, :, self._pos] = key_states.transpose(1, 2).to(k.dtype)
         v[self._rows, :, self._pos] = value_states.transpose(1, 2).to(v.dtype)
+        if self._subset is not None:
+            return k[self._subset, :, : self._kv_len], v[self._subset, :, : self._kv_len]
         return k[:, :, : self._kv_len], v[:, :, : self._kv_len]
 
 
@@ -215,9 +211,11 @@ class ConditionalChatTTS(nn.Module):
 
     # -- backbone --------------------------------------------------------------------------------------------
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
-                cache: KVCache) -> torch.Tensor:
-        """inputs (B, q, H) at positions (B, q); visible (B, q, kv_len) bool; returns last hidden (B, q, H)."""
-        cache.bind(positions, visible.shape[-1])
+                cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs (B, q, H) at positions (B, q); visible (B, q, kv_len) bool; returns last hidden (B, q, H).
+
+        `rows`: the cache rows the B inputs belong to (default: all rows, in order)."""
+        cache.bind(positions, visible.shape[-1], rows)
         # Additive float mask as upstream (finfo.min = hidden): CPU SDPA is ~1000x slower with a boolean mask.
         dtype = inputs_embeds.dtype
         mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
@@ -227,13 +225,18 @@ class ConditionalChatTTS(nn.Module):
         return out.last_hidden_state
 
     def prefill_text(self, cache: KVCache, ids: torch.Tensor, begin: int, spk_emb: torch.Tensor | None) -> None:
-        """Upstream `prefill_text`: text ids at positions begin.., causal over slots 0..position (one utterance)."""
+        """Upstream `prefill_text` for one utterance: text ids at positions begin.., causal over slots 0..position."""
+        self.prefill_text_rows(cache, [TextPrefill(ids, begin, spk_emb)], None)
+
+    def prefill_text_rows(self, cache: KVCache, chunks: list["TextPrefill"], rows: torch.Tensor | None) -> None:
+        """`prefill_text` of equally long chunks into the given rows of a batch cache, in one forward."""
         device = self.emb_text.weight.device
-        ids = ids.to(device)
-        n = ids.shape[0]
-        positions = torch.arange(begin, begin + n, device=device)
-        visible = torch.arange(begin + n, device=device)[None, :] <= positions[:, None]
-        self(self.embed_text(ids, spk_emb)[None], positions[None], visible[None], cache)
+        n = chunks[0].ids.shape[0]
+        positions = torch.stack([torch.arange(c.begin, c.begin + n, device=device) for c in chunks])
+        kv_len = int(positions[:, -1].max()) + 1
+        visible = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]
+        embeds = torch.stack([self.embed_text(c.ids.to(device), c.spk_emb) for c in chunks])
+        self(embeds, positions, visible, cache, rows)
 
     def prefill_audio(self, cache: KVCache, codes: torch.Tensor, text_mask: torch.Tensor) -> None:
         """Upstream `prefill_audio_ids` (segment roll-over): [Ptts] + codes at 302.., one mask row for all queries.
@@ -246,6 +249,15 @@ class ConditionalChatTTS(nn.Module):
         positions = torch.arange(past, past + embeds.shape[0], device=device)
         row = streaming_visibility(past, embeds.shape[0], text_mask.to(device), self.cfg)
         self(embeds[None], positions[None], row.expand(embeds.shape[0], -1)[None], cache)
+
+
+@dataclass
+class TextPrefill:
+    """A text chunk to write into a segment's KV before it generates (upstream `prefill_text` arguments)."""
+
+    ids: torch.Tensor  # (n,) ChatTTS ids
+    begin: int  # position of the first id
+    spk_emb: torch.Tensor | None  # (num_spk, hidden) when the chunk holds the [spk_emb] slot
 
 
 @dataclass
@@ -295,12 +307,13 @@ class CodeSampler:
 
 
 @torch.inference_mode()
-def generate_codes(model: ConditionalChatTTS, sampler: CodeSampler, states: list[CodeGenState],
-                   max_new: int) -> list[list[torch.Tensor]]:
-    """Upstream `generate` for several segments at once: up to `max_new` frames each, batched per step.
+def generate_codes(model: ConditionalChatTTS, sampler: CodeSampler, states: list[CodeGenState], max_new: int,
+                   prefills: list[TextPrefill | None] | None = None) -> list[list[torch.Tensor]]:
+    """Upstream `prefill_text` + `generate` for several segments at once: up to `max_new` frames each.
 
-    A segment stops early when any codebook emits eos (the eos frame is not kept; `finished` is set). Returns
-    the new frames per segment. Each segment's KV rows become views of one batch cache.
+    The segments' KV rows are gathered into one batch cache (they stay views of it); text chunks of equal length
+    are prefilled in one forward, then every generation step runs all segments together. A segment stops early
+    when any codebook emits eos (the eos frame is not kept; `finished` is set). Returns the new frames per segment.
     """
     device = model.emb_text.weight.device
     new: list[list[torch.Tensor]] = [[] for _ in states]
@@ -309,6 +322,12 @@ def generate_codes(model: ConditionalChatTTS, sampler: CodeSampler, states: list
         return new
     lengths = [states[i].kv_len for i in active]
     cache = KVCache.stack([states[i].cache for i in active], lengths, max(lengths) + max_new)
+    by_len: dict[int, list[int]] = {}
+    for row, i in enumerate(active):
+        if prefills is not None and prefills[i] is not None:
+            by_len.setdefault(prefills[i].ids.shape[0], []).append(row)
+    for rows in by_len.values():
+        model.prefill_text_rows(cache, [prefills[active[r]] for r in rows], torch.tensor(rows, device=device))
     bos = model.audio_bos_embedding()
     running = [True] * len(active)
     for step in range(max_new):

@@ -26,7 +26,14 @@ import torch
 
 from services.common.checkpoint import CheckpointReader
 from services.common.config import ModelConfig, TTSConfig
-from services.tts_decoder.model import CodeGenState, CodeSampler, ConditionalChatTTS, generate_codes, load_tts
+from services.tts_decoder.model import (
+    CodeGenState,
+    CodeSampler,
+    ConditionalChatTTS,
+    TextPrefill,
+    generate_codes,
+    load_tts,
+)
 from services.tts_decoder.text import (
     ChatTTSText,
     EmptyTextError,
@@ -189,9 +196,8 @@ class TTSDecoder:
     def step_many(self, states: list[UtteranceState]) -> list[list[SpeechChunk]]:
         """Advance every state with work by one chunk (prefill + up to 25 codes, batched across states)."""
         ready = [s for s in states if self.has_work(s)]
-        for s in ready:
-            self._prefill_next(s)
-        new = generate_codes(self.model, self.sampler, [s.gen for s in ready], CODES_PER_CHUNK)
+        prefills = [self._next_prefill(s) for s in ready]
+        new = generate_codes(self.model, self.sampler, [s.gen for s in ready], CODES_PER_CHUNK, prefills)
         made: dict[int, SpeechChunk] = {}
         for s, frames in zip(ready, new):
             codes = torch.stack(frames) if frames else torch.zeros(0, self.cfg.num_vq, dtype=torch.long)
@@ -232,9 +238,8 @@ class TTSDecoder:
         gen.text_mask = self.text.text_mask(layout.n_text)
         for chunk in range(math.ceil(self.model.condition_length / self.chunk_tokens)):
             begin, end = self._chunk_bounds(chunk)
-            if end > begin:
-                self.model.prefill_text(gen.cache, ids[begin:end], begin, state.spk_emb if begin == 0 else None)
-            state.codes += generate_codes(self.model, self.sampler, [gen], CODES_PER_CHUNK)[0]
+            prefill = self._prefill(state, ids, begin, end)
+            state.codes += generate_codes(self.model, self.sampler, [gen], CODES_PER_CHUNK, [prefill])[0]
             if gen.finished:
                 break
         while not gen.finished and len(gen.codes) <= MAX_SEGMENT_CODES:
@@ -251,22 +256,28 @@ class TTSDecoder:
         begin = chunk * self.chunk_tokens + self.n_start
         return begin, min(begin + self.chunk_tokens, self.model.condition_length - 1)
 
-    def _prefill_next(self, s: UtteranceState) -> None:
-        """Prefill what the next chunk of generation may see: the next 10 text tokens, or in the final phase
-        everything left up to and including [Etts]."""
+    def _next_prefill(self, s: UtteranceState) -> TextPrefill | None:
+        """What the next chunk of generation may see and is not prefilled yet: the next 10 text tokens, or in the
+        final phase everything left up to and including [Etts]."""
         ids = torch.tensor(self.text.layout(s.seg_text).ids)
         s.gen.text_mask = self.text.text_mask(s.n_text)
         if s.closing or s.text_done:
             if s.tail_prefilled:
-                return
+                return None
             begin = 0 if s.chunk_idx == 0 else self._chunk_bounds(s.chunk_idx)[0]
             end = self.n_start + s.n_text + 1
             s.tail_prefilled = True
         else:
             begin, end = self._chunk_bounds(s.chunk_idx)
             s.chunk_idx += 1
-        if end > begin:
-            self.model.prefill_text(s.gen.cache, ids[begin:end], begin, s.spk_emb if begin == 0 else None)
+        return self._prefill(s, ids, begin, end)
+
+    @staticmethod
+    def _prefill(s: UtteranceState, ids: torch.Tensor, begin: int, end: int) -> TextPrefill | None:
+        """Condition slots begin..end of `ids`; the chunk at slot 0 carries the speaker embedding."""
+        if end <= begin:
+            return None
+        return TextPrefill(ids[begin:end], begin, s.spk_emb if begin == 0 else None)
 
     def _roll_over(self, s: UtteranceState) -> None:
         """Start the next segment seeded with the last 5 text tokens and the last 50 codes (upstream recursion)."""
