@@ -9,6 +9,8 @@ eos is disabled (upstream's `force_no_stop`) so every run does the same work reg
 - rtf: wall time / audio seconds of one utterance (< 1: each stream is faster than real time).
 - chunks_per_s: audio chunks emitted per second, all utterances together.
 - audio_s_per_s: seconds of audio produced per wall second, all utterances together.
+- batching_speedup: N x (wall time of 1 utterance) / (wall time of N together), i.e. the gain of `step_many`
+  over serving the N utterances one after another.
 
 Configs: "tiny" = the golden checkpoint (else a generated tiny one); "small" = `small_config()` with random
 weights (real depth and head dims, 1/8 widths; DVAE and Vocos at their fixed official size). fp32 on CPU, bf16 on
@@ -114,10 +116,13 @@ def bench_config(config: str, device: str, chunks: int) -> list[dict]:
     text = text_of(dec, chunks * dec.chunk_tokens)
     run_once(dec, 1, text, 1)  # warm-up
     rows = []
+    solo_wall = None
     for n in CONCURRENCY:
         result = run_once(dec, n, text, chunks)
+        solo_wall = solo_wall or result["wall_s"]
         rows.append({"config": config, "device": device, "dtype": str(dtype).removeprefix("torch."),
-                     "utterances": n, "chunks_each": chunks, **result})
+                     "utterances": n, "chunks_each": chunks, **result,
+                     "batching_speedup": n * solo_wall / result["wall_s"]})
     return rows
 
 
