@@ -162,6 +162,10 @@ class LLMEngine:
             self._thread.join()
             self._thread = None
 
+    def is_alive(self) -> bool:
+        """The step loop is running (for health checks)."""
+        return self._thread is not None and self._thread.is_alive()
+
     # --- public API -------------------------------------------------------------------------------------------
 
     async def prefill(
