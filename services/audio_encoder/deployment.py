@@ -16,8 +16,8 @@ from protos.minicpmo.v1 import audio_pb2, tensor_pb2
 from services.common.routing import SessionAffinityReplica, affinity_router_config
 from services.common.tensor_codec import from_proto, to_proto
 from services.gateway import metrics
-from services.gateway.sessions import ReplayEntry, SessionStore
-from services.gateway.stage import OwnedSessions, device_alive, limit_threads, off_loop, replica_dtype
+from services.gateway.sessions import ReplayEntry
+from services.gateway.stage import OwnedSessions, device_alive, limit_threads, off_loop, replica_dtype, session_store
 
 AUDIO_ENTRY = "audio"  # replay-log kind of a streaming chunk (0 LLM tokens: the LLM logs its own input)
 
@@ -37,7 +37,7 @@ class AudioEncoder(SessionAffinityReplica):
         limit_threads()
         self.encoder = Encoder(model_dir, device=device, dtype=replica_dtype(device))
         self.streams: dict = {}  # session id -> the encoder's AudioStreamState
-        self.store = SessionStore.from_url(redis_url, ttl_s=session_ttl_s) if redis_url else None
+        self.store = session_store(redis_url, ttl_s=session_ttl_s) if redis_url else None
         self.owned = OwnedSessions(self.store, "audio", lambda sid: self.streams.pop(sid, None)) if self.store else None
 
     async def Encode(self, request: audio_pb2.EncodeAudioRequest) -> audio_pb2.EncodeAudioResponse:

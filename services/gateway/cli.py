@@ -46,8 +46,8 @@ def register_serve(sub: argparse._SubParsersAction, name: str) -> None:
     p.set_defaults(func=serve_main)
 
 
-def config_app_args(path: Path) -> tuple[dict, dict]:
-    """(build_app args, gRPC options) from a `serve run` config file: the first application's args, with its
+def config_app_args(path: Path) -> tuple[dict, dict, dict]:
+    """(build_app args, gRPC options, HTTP options) from a `serve run` config file: the first app's args, with its
     `deployments:` list folded into args["deployments"] (what `serve run` would apply on top of the app)."""
     import yaml
 
@@ -59,7 +59,7 @@ def config_app_args(path: Path) -> tuple[dict, dict]:
         d = dict(d)
         per.setdefault(d.pop("name"), {}).update(d)
     args["deployments"] = per
-    return args, dict(cfg.get("grpc_options") or {})
+    return args, dict(cfg.get("grpc_options") or {}), dict(cfg.get("http_options") or {})
 
 
 def free_port() -> int:
@@ -113,10 +113,10 @@ def serve_main(args: argparse.Namespace) -> int:
         keys = secrets.token_urlsafe(24)
         print(f"no API key configured: generated one for this run: {keys}", flush=True)
     try:
-        app_args, grpc_cfg = config_app_args(args.config) if args.config.is_file() else ({}, {})
+        app_args, grpc_cfg, http_cfg = config_app_args(args.config) if args.config.is_file() else ({}, {}, {})
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)
         serve.start(
-            http_options={"host": "127.0.0.1", "port": 8000},
+            http_options={"host": "127.0.0.1", "port": 8000, **http_cfg},
             grpc_options=gRPCOptions(**{
                 "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS, **grpc_cfg, "port": args.port,
             }),  # fmt: skip

@@ -44,7 +44,8 @@ from services.gateway.prompts import (
     build_streaming_prefill,
     system_prompt,
 )
-from services.gateway.sessions import SessionRecord, SessionStore
+from services.gateway.sessions import SessionRecord
+from services.gateway.stage import session_store
 from services.gateway.tdm import TDMMuxer, Unit
 from services.llm_core.sampling import STREAMING_DEFAULTS
 
@@ -82,9 +83,10 @@ class LiveSessions:
     def __init__(self, pipeline: Pipeline, redis_url: str):
         lim = pipeline.limits
         self.pipeline = pipeline
-        self.store = SessionStore.from_url(redis_url, ttl_s=lim.session_idle_ttl_s, max_tokens=lim.max_session_tokens)
+        self.store = session_store(redis_url, ttl_s=lim.session_idle_ttl_s, max_tokens=lim.max_session_tokens)
         self.settings = PlaceholderSettings.streaming(pipeline.image_cfg)
         self.local: dict[str, _Local] = {}
+        self._sweeper: asyncio.Task | None = None
 
     @property
     def stages(self):
@@ -97,9 +99,23 @@ class LiveSessions:
             return False
 
     def _local(self, sid: str) -> _Local:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep())
         if sid not in self.local:
             self.local[sid] = _Local()
+            metrics.ACTIVE_SESSIONS.set(len(self.local))
         return self.local[sid]
+
+    async def _sweep(self, period_s: float = 15.0) -> None:
+        """Forget the muxers of sessions whose record expired (or was closed through another replica)."""
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                for sid in await self.store.missing(list(self.local)):
+                    self.local.pop(sid, None)
+                metrics.ACTIVE_SESSIONS.set(len(self.local))
+            except Exception:  # Redis blip: next period
+                continue
 
     # --- create ---------------------------------------------------------------------------------------------------
 
@@ -129,7 +145,6 @@ class LiveSessions:
         except BaseException:
             await self._forget(sid)
             raise
-        metrics.ACTIVE_SESSIONS.set(len(self.local) + 1)
         return await self.info(caller, sid)
 
     # --- append ---------------------------------------------------------------------------------------------------

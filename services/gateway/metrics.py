@@ -43,7 +43,7 @@ SPEECH_RTF = Histogram(
 )
 ACTIVE_SESSIONS = Gauge(
     "minicpmo_active_sessions",
-    description="Live sessions open on this gateway replica's view (created minus closed/expired).",
+    description="Live sessions streaming through this gateway replica (closed and expired ones leave it).",
 )
 REQUESTS = Counter(
     "minicpmo_requests_total",

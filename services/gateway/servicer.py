@@ -22,7 +22,7 @@ from protos.minicpmo.v1 import omni_pb2
 from services.gateway import metrics
 from services.gateway.auth import ApiKeyAuth, PermissionDenied, Unauthenticated
 from services.gateway.pipeline import LimitExceeded, Pipeline
-from services.gateway.sessions import InvalidTurn, LeaseLost, SessionLimitExceeded, SessionNotFound
+from services.gateway.sessions import InvalidTurn, LeaseLost, SessionLimitExceeded, SessionNotFound, StoreUnavailable
 
 log = logging.getLogger("ray.serve")
 
@@ -49,7 +49,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ValueError):  # every input error of the components subclasses ValueError
         return grpc.StatusCode.INVALID_ARGUMENT, msg
     if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError,
-                        ConnectionError, LeaseLost, RedisError)):  # fmt: skip
+                        ConnectionError, LeaseLost, RedisError, StoreUnavailable)):  # fmt: skip
         return grpc.StatusCode.UNAVAILABLE, f"a pipeline stage is unavailable, retry: {msg}"
     return grpc.StatusCode.INTERNAL, msg
 

@@ -78,3 +78,25 @@ class OwnedSessions:
                     self.forget(sid)
             except Exception:  # Redis blip: try again next period; never kill the replica's loop
                 continue
+
+
+def session_store(redis_url: str, **store_kwargs):
+    """The session store over a Redis client that survives a Redis restart: a pooled connection the old server
+    closed is retried once on a fresh connection instead of failing the call (redis-py's `from_url` clients do not
+    retry by default). Socket waits stay bounded, so with Redis down calls fail fast with StoreUnavailable."""
+    import redis.asyncio as aioredis
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.asyncio.retry import Retry
+
+    from services.gateway.sessions import SessionStore
+
+    client = aioredis.Redis.from_url(
+        redis_url,
+        decode_responses=False,
+        socket_timeout=5.0,
+        socket_connect_timeout=5.0,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+        retry_on_error=[RedisConnectionError],
+    )
+    return SessionStore(client, **store_kwargs)

@@ -23,8 +23,8 @@ from protos.minicpmo.v1 import audio_pb2, llm_pb2, tensor_pb2, vision_pb2
 from services.common.routing import SessionAffinityReplica, affinity_router_config
 from services.common.tensor_codec import from_proto, to_proto
 from services.gateway import metrics
-from services.gateway.sessions import ReplayEntry, SessionLimitExceeded, SessionStore
-from services.gateway.stage import OwnedSessions, limit_threads, replica_dtype
+from services.gateway.sessions import ReplayEntry, SessionLimitExceeded
+from services.gateway.stage import OwnedSessions, limit_threads, replica_dtype, session_store
 
 
 class SpanMismatch(ValueError):
@@ -101,7 +101,7 @@ class LLMCore(SessionAffinityReplica):
         )  # fmt: skip
         self.engine.start()
         self.store = (
-            SessionStore.from_url(redis_url, ttl_s=session_ttl_s, max_tokens=max_session_tokens) if redis_url else None
+            session_store(redis_url, ttl_s=session_ttl_s, max_tokens=max_session_tokens) if redis_url else None
         )
         self.owned = OwnedSessions(self.store, "llm", self.engine.drop) if self.store else None
 

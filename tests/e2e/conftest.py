@@ -20,13 +20,14 @@ IDLE_TTL_S = 15  # short, so the expiry test waits seconds, not the production 1
 MAX_SESSION_TOKENS = 2048  # small, so the limit test reaches it with a few appends
 
 
-@dataclass(frozen=True)
+@dataclass
 class ServedApp:
     target: str
     redis_url: str
     model_dir: str
     keys: tuple[str, ...]
     max_session_tokens: int
+    redis: RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -40,23 +41,24 @@ def served(golden) -> ServedApp:
 
     redis = RedisServer.start()
     grpc_port = free_port()
+    model_dir = str(golden.checkpoint)
+    served = ServedApp(f"127.0.0.1:{grpc_port}", redis.url, model_dir, KEYS, MAX_SESSION_TOKENS, redis)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="minicpmo-e2e")
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": free_port()},
             grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
         )
-        model_dir = str(golden.checkpoint)
         app = build_app({
             "model_dir": model_dir, "redis_url": redis.url, "api_keys": ",".join(KEYS), "device": "cpu",
             "limits": {"session_idle_ttl_s": IDLE_TTL_S, "max_session_tokens": MAX_SESSION_TOKENS},
         })  # fmt: skip
         serve.run(app, name=APP_NAME, route_prefix="/")
-        yield ServedApp(f"127.0.0.1:{grpc_port}", redis.url, model_dir, KEYS, MAX_SESSION_TOKENS)
+        yield served
     finally:
         serve.shutdown()
         ray.shutdown()
-        redis.stop()
+        served.redis.stop()  # the redis-loss test may have replaced the server
 
 
 @pytest.fixture

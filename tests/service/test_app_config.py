@@ -15,7 +15,7 @@ CONFIGS = sorted(Path("deploy").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_deploy_config_builds_the_app(path: Path, golden):
-    args, grpc = config_app_args(path)
+    args, grpc, _ = config_app_args(path)
     assert "protos.minicpmo.v1.omni_pb2_grpc.add_MiniCPMOServicer_to_server" in grpc["grpc_servicer_functions"]
     assert "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" in grpc["grpc_servicer_functions"]
     args.update(model_dir=str(golden.checkpoint), redis_url="redis://127.0.0.1:1/0", api_keys="k")
