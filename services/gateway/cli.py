@@ -140,7 +140,9 @@ def serve_main(args: argparse.Namespace) -> int:
             f"Ctrl-C to stop.",
             flush=True,
         )
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        stop = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to sigwait, not as KeyboardInterrupt mid-call
+        signal.sigwait(stop)
     finally:
         serve.shutdown()
         ray.shutdown()
