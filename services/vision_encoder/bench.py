@@ -11,6 +11,11 @@ included in the times.
 - cpu_ms_per_image: process CPU time per image (all threads).
 - speedup: batched images/s over one-at-a-time images/s at the same N.
 
+Threads: like a deployed replica (`services.gateway.stage.limit_threads`: one intra-op thread unless
+`MINICPMO_TORCH_THREADS` says otherwise). On this shared, oversubscribed 2-core machine two OpenMP threads made a
+single-slice call up to 10x slower than a 16-slice one per slice (each op waits at a barrier for a descheduled
+thread): noise about the machine, not the encoder.
+
 Configs: "tiny" is the golden checkpoint (`$GOLDEN_DIR/checkpoint`, else a freshly generated tiny one); "small" is
 `small_config()` with random weights (real depth and head dims, 1/8 widths). fp32 on CPU, bf16 on CUDA.
 """
@@ -30,6 +35,7 @@ import torch
 from PIL import Image
 
 from services.common.config import small_config
+from services.gateway.stage import limit_threads
 from services.vision_encoder.encoder import VisionEncoder
 from services.vision_encoder.model import build_vision_model
 from services.vision_encoder.processor import ImageProcessorConfig
@@ -99,7 +105,7 @@ def bench_config(config: str, device: str, reps: int) -> list[dict]:
             single.append(_timed(lambda: [encoder.encode([im], MAX_SLICE_NUMS) for im in batch], device))
         (b_wall, b_cpu), (s_wall, s_cpu) = min(batched), min(single)
         common = {"config": config, "device": device, "dtype": str(dtype).removeprefix("torch."), "images": n,
-                  "slices_per_image": slices, "batch_size": encoder.batch_size}
+                  "threads": torch.get_num_threads(), "slices_per_image": slices, "batch_size": encoder.batch_size}
         rows.append({**common, "mode": "batched", "images_per_s": n / b_wall, "latency_ms": b_wall * 1e3,
                      "cpu_ms_per_image": b_cpu * 1e3 / n, "speedup": s_wall / b_wall})
         rows.append({**common, "mode": "one-at-a-time", "images_per_s": n / s_wall, "latency_ms": s_wall * 1e3 / n,
@@ -109,6 +115,8 @@ def bench_config(config: str, device: str, reps: int) -> list[dict]:
 
 def run(args: argparse.Namespace) -> list[dict]:
     reps = 1 if args.quick else 2
+    if args.device == "cpu":
+        limit_threads()
     rows = []
     for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
         rows.extend(bench_config(config, args.device, reps))
