@@ -218,3 +218,59 @@ def test_session_token_limit_is_refused_and_session_survives(served, client):
     other = client.create_session().session_id  # the replicas keep serving
     assert client.respond(other, greedy(2)).final.usage.completion_tokens >= 1
     client.close_session(other)
+
+
+def in_process_live_greedy(model_dir: str, ref: np.ndarray, pcm: np.ndarray, frames: list[bytes], n: int) -> list[int]:
+    """Upstream's streaming_prefill (system prompt with its voice, then 1 s units) + streaming_generate, greedy,
+    run in this process with the components alone."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from services.audio_encoder.encoder import AudioEncoder
+    from services.gateway.prompts import (
+        AudioRef, ImageRef, Message, PlaceholderSettings, StreamingPromptState, assistant_prefix,
+        build_streaming_prefill, system_prompt,
+    )  # fmt: skip
+    from services.gateway.tokenizer import SpecialTokens, load_tokenizer
+    from services.llm_core.generate import generate_solo
+    from services.llm_core.model import load_llm_model
+    from services.llm_core.sampling import GREEDY
+    from services.vision_encoder.encoder import VisionEncoder
+    from services.vision_encoder.processor import ImageProcessorConfig
+    from tests.e2e.test_chat import _spread
+
+    tok = load_tokenizer(model_dir)
+    sp = SpecialTokens.from_tokenizer(tok)
+    settings = PlaceholderSettings.streaming(ImageProcessorConfig.from_model_dir(model_dir))
+    model, vision, audio = load_llm_model(model_dir), VisionEncoder(model_dir), AudioEncoder(model_dir)
+    state, cache = StreamingPromptState(), model.new_cache()
+
+    def prefill(prompt, image_rows=None, audio_rows=None):
+        pieces = (_spread(prompt.image_bounds, image_rows) if image_rows is not None else []) + (
+            _spread(prompt.audio_bounds, audio_rows) if audio_rows is not None else [])
+        model.step(model.embed(torch.tensor(prompt.input_ids), pieces), cache)
+
+    system = build_streaming_prefill(system_prompt("omni", "en", AudioRef(len(ref))), state, tok, settings=settings)
+    prefill(system, audio_rows=audio.encode_chunk(audio.new_stream(), ref))  # throwaway stream, as upstream
+    stream = audio.new_stream()
+    for k in range(len(pcm) // 16000):
+        frame = frames[k % len(frames)]
+        size = Image.open(io.BytesIO(frame)).size
+        unit = Message("user", ["<unit>", ImageRef(size), AudioRef(16000)])
+        prompt = build_streaming_prefill(unit, state, tok, settings=settings)
+        prefill(prompt, vision.encode([frame], 1)[0].embeddings, audio.encode_chunk(stream, pcm[16000 * k : 16000 * (k + 1)]))
+    prefix = assistant_prefix(tok)
+    embeds = model.embed(torch.tensor(prefix.input_ids))
+    return generate_solo(model, embeds, GREEDY.with_(max_new_tokens=n), [sp.im_end, sp.endoftext], cache=cache).ids
+
+
+def test_live_session_greedy_equals_in_process(served, client, golden, unit_inputs):
+    pcm, frames = unit_inputs
+    ref = wav(golden, "ref_voice_1s.wav")
+    sid = client.create_session(reference_voice=ref).session_id
+    feed_units(client, sid, pcm, frames)  # 200 ms chunks, a frame at the start of each second
+    answer = client.respond(sid, greedy(12))
+    client.close_session(sid)
+    assert answer.token_ids == in_process_live_greedy(served.model_dir, ref, pcm, frames, 12)
