@@ -17,6 +17,7 @@ Several utterances share a replica: `step_many` advances each by one chunk and b
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,3 +298,92 @@ class TTSDecoder:
         s.n_text = self.text.count(s.seg_text)
         s.carry_text, s.closing, s.tail_prefilled, s.chunk_idx = "", False, False, 0
         self.text.check_length(s.n_text)
+
+
+@dataclass(eq=False)
+class _Job:
+    state: UtteranceState
+    text: str | None  # a text piece to feed, or None
+    end: bool  # finish the text
+    future: asyncio.Future
+    fed: bool = False
+    error: TTSInputError | None = None
+    chunks: list[SpeechChunk] = field(default_factory=list)
+
+
+class StepBatcher:
+    """asyncio front of a `TTSDecoder` that batches the chunk steps of every utterance on the replica.
+
+    `push_text`/`finish` may be awaited concurrently for many utterances; one worker runs, in one thread at a
+    time, the pending text feeds and then `step_many` over every utterance with work, until each call's
+    utterance is idle again, and resolves each call with the chunks its utterance produced. All decoder access
+    happens in that worker (the tokenizer and model are not shared across threads). Calls for one utterance are
+    served in order.
+    """
+
+    def __init__(self, decoder: TTSDecoder):
+        self.decoder = decoder
+        self._jobs: list[_Job] = []
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._worker: asyncio.Task | None = None
+        self.max_batch = 0  # most utterances advanced by one step_many (observability)
+
+    async def push_text(self, state: UtteranceState, text_delta: str) -> list[SpeechChunk]:
+        return await self._submit(state, text_delta, end=False)
+
+    async def finish(self, state: UtteranceState) -> list[SpeechChunk]:
+        try:
+            return await self._submit(state, None, end=True)
+        finally:
+            self.forget(state)
+
+    def forget(self, state: UtteranceState) -> None:
+        """Drop the per-utterance bookkeeping of an utterance that ends without finish() (cancelled)."""
+        self._locks.pop(id(state), None)
+
+    async def _submit(self, state: UtteranceState, text: str | None, end: bool) -> list[SpeechChunk]:
+        lock = self._locks.setdefault(id(state), asyncio.Lock())
+        async with lock:
+            job = _Job(state, text, end, asyncio.get_running_loop().create_future())
+            self._jobs.append(job)
+            if self._worker is None or self._worker.done():
+                self._worker = asyncio.create_task(self._run())
+            return await job.future
+
+    async def _run(self) -> None:
+        while self._jobs:
+            jobs = list(self._jobs)
+            try:
+                await asyncio.to_thread(self._tick, jobs)
+            except Exception as exc:  # a model failure fails every call in the batch; the worker goes on
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            for job in jobs:
+                if job.error is not None and not job.future.done():
+                    job.future.set_exception(job.error)
+                if job.future.done() or not self.decoder.has_work(job.state):
+                    self._jobs.remove(job)
+                    if not job.future.done():
+                        job.future.set_result(job.chunks)
+
+    def _tick(self, jobs: list[_Job]) -> None:
+        """Worker thread: feed new text (input errors fail only their call), then one batched step."""
+        for job in jobs:
+            if job.fed:
+                continue
+            job.fed = True
+            try:
+                if job.text is not None:
+                    self.decoder.feed(job.state, job.text)
+                if job.end:
+                    self.decoder.end_text(job.state)
+            except TTSInputError as exc:
+                job.error = exc
+        live = [j for j in jobs if j.error is None and not j.future.done() and self.decoder.has_work(j.state)]
+        if not live:
+            return
+        self.max_batch = max(self.max_batch, len(live))
+        for job, chunks in zip(live, self.decoder.step_many([j.state for j in live])):
+            job.chunks += chunks
+

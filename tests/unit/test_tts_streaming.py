@@ -3,11 +3,13 @@ batched utterances == solo ones, and clear errors for bad input. Runs on the gol
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
 
-from services.tts_decoder.streaming import SpeakerEmbeddingError, TTSDecoder
+from services.tts_decoder.streaming import SpeakerEmbeddingError, StepBatcher, TTSDecoder
 from services.tts_decoder.text import EmptyTextError, TextTooLongError, TTSInputError
 from services.tts_decoder.vocoder import CROSSFADE_SAMPLES, OVERLAP_CODES
 
@@ -235,3 +237,34 @@ def test_runs_in_bfloat16(golden):
     audio = np.concatenate([c.audio for c in chunks])
     assert audio.dtype == np.float32 and np.isfinite(audio).all()
     assert audio.shape[0] == sum(c.codes.shape[0] for c in chunks) * 512
+
+
+def test_step_batcher_batches_concurrent_utterances(codes_only):
+    """Concurrent async calls for several utterances share step_many and give the solo results."""
+    texts = [WORDS, WORDS[2:], WORDS[::-1]]
+
+    async def speak(batcher: StepBatcher, i: int) -> torch.Tensor:
+        state = codes_only.start(speaker(codes_only.cfg.llm_dim, 20 + i), greedy=True)
+        chunks = []
+        for w in texts[i]:
+            chunks += await batcher.push_text(state, w + " ")
+        chunks += await batcher.finish(state)
+        return torch.cat([c.codes for c in chunks])
+
+    async def all_together() -> list[torch.Tensor]:
+        batcher = StepBatcher(codes_only)
+        results = await asyncio.gather(*(speak(batcher, i) for i in range(3)))
+        assert batcher.max_batch > 1
+        return results
+
+    async def bad_input() -> None:
+        batcher = StepBatcher(codes_only)
+        state = codes_only.start(speaker(codes_only.cfg.llm_dim, 1))
+        with pytest.raises(EmptyTextError):
+            await batcher.finish(state)
+
+    together = asyncio.run(all_together())
+    solo = [asyncio.run(speak(StepBatcher(codes_only), i)) for i in range(3)]
+    for a, b in zip(together, solo):
+        assert torch.equal(a, b)
+    asyncio.run(bad_input())
