@@ -268,3 +268,17 @@ def test_step_batcher_batches_concurrent_utterances(codes_only):
     for a, b in zip(together, solo):
         assert torch.equal(a, b)
     asyncio.run(bad_input())
+
+
+def test_vocoder_segment_end_flushes_and_restarts_the_crossfade(decoder):
+    """At a segment end the held tail goes out un-smoothed; the next segment starts a new cross-fade chain while
+    its first chunk is still decoded with the 4 codes before it (they are the previous segment's last codes)."""
+    gen = torch.Generator().manual_seed(2)
+    sizes, flushes = (25, 25, 12, 25, 14), (False, False, True, False, True)
+    chunks = [torch.randint(0, 625, (n, 4), generator=gen) for n in sizes]
+    stream = decoder.vocoder.new_stream()
+    got = torch.from_numpy(np.concatenate([decoder.vocoder.push(stream, c, f) for c, f in zip(chunks, flushes)]))
+    frames = per_chunk_vocoder_outputs(decoder, chunks)
+    expected = torch.cat([upstream_overlap_add(frames[:3], CROSSFADE_SAMPLES),
+                          upstream_overlap_add(frames[3:], CROSSFADE_SAMPLES)])
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
