@@ -132,6 +132,21 @@ def streaming_visibility(past_seen_tokens: int, q_len: int, text_mask: torch.Ten
     return visible
 
 
+def batch_visibility(pasts: torch.Tensor, text_masks: torch.Tensor, kv_len: int, cfg: TTSConfig) -> torch.Tensor:
+    """`streaming_visibility` for one generation step of B segments: (B, kv_len) bool, False past each row's
+    own length. pasts (B,) int64, text_masks (B, condition_length)."""
+    n_start = 1 + cfg.num_spk_embs * int(cfg.use_speaker_embedding)
+    reserved = cfg.streaming_text_reserved_len
+    chunks = -torch.div(reserved - pasts, cfg.streaming_audio_chunk_size, rounding_mode="floor")  # ceil
+    hidden_from = torch.clamp(chunks * cfg.streaming_text_chunk_size, max=reserved) + n_start
+    hidden_to = reserved + n_start + 1
+    slot = torch.arange(kv_len, device=pasts.device)[None, :]
+    visible = (slot <= pasts[:, None]) & ~((slot >= hidden_from[:, None]) & (slot < hidden_to))
+    n_cond = text_masks.shape[1]
+    visible[:, :n_cond] &= text_masks[:, : min(n_cond, kv_len)] != 0
+    return visible
+
+
 def _llama_config(cfg: TTSConfig) -> LlamaConfig:
     return LlamaConfig(
         hidden_size=cfg.hidden_size,
@@ -329,6 +344,7 @@ def generate_codes(model: ConditionalChatTTS, sampler: CodeSampler, states: list
     for rows in by_len.values():
         model.prefill_text_rows(cache, [prefills[active[r]] for r in rows], torch.tensor(rows, device=device))
     bos = model.audio_bos_embedding()
+    text_masks = torch.stack([states[i].text_mask for i in active]).to(device)
     running = [True] * len(active)
     for step in range(max_new):
         if not any(running):
@@ -336,19 +352,23 @@ def generate_codes(model: ConditionalChatTTS, sampler: CodeSampler, states: list
         segs = [states[i] for i in active]
         # Stopped rows are fed a dummy step: it writes only their next free slot, which is rewritten before it
         # can be read, so every row keeps its own exact state while the batch shape stays fixed.
-        embeds = torch.stack([bos if not s.codes else model.embed_codes(s.codes[-1].to(device)) for s in segs])
+        last = torch.stack([s.codes[-1] if s.codes else torch.zeros(model.cfg.num_vq, dtype=torch.long)
+                            for s in segs]).to(device)
+        embeds = model.embed_codes(last)
+        for j, s in enumerate(segs):
+            if not s.codes:  # first step of a segment: [Ptts] (audio_bos) goes in instead of a code frame
+                embeds[j] = bos
         past = torch.tensor([s.kv_len for s in segs], device=device)
         kv_len = int(past.max()) + 1
-        visible = torch.zeros(len(segs), 1, kv_len, dtype=torch.bool, device=device)
-        for j, s in enumerate(segs):
-            row = streaming_visibility(s.kv_len, 1, s.text_mask.to(device), model.cfg)
-            visible[j, 0, : row.shape[0]] = row
+        visible = batch_visibility(past, text_masks, kv_len, model.cfg)[:, None]
         hidden = model(embeds[:, None], past[:, None], visible, cache)
         logits = model.head_logits(hidden[:, 0])
-        for j, s in enumerate(segs):
-            if not running[j]:
-                continue
-            frame = sampler(logits[j], step, not s.codes, s.greedy, s.generator).cpu()
+        rows = [j for j in range(len(segs)) if running[j]]
+        # One device->host copy per step for all rows (each row samples with its own generator).
+        frames = torch.stack([sampler(logits[j], step, not segs[j].codes, segs[j].greedy, segs[j].generator)
+                              for j in rows]).cpu()
+        for j, frame in zip(rows, frames):
+            s = segs[j]
             if bool((frame == model.eos_id).any()):
                 s.finished = True
                 running[j] = False
