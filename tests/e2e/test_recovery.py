@@ -15,15 +15,22 @@ from tests.e2e.test_sessions import feed_units, greedy
 pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.slow]
 
 
-def llm_replicas() -> list[str]:
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#LLMCore#" in a["name"]]
+def replicas(deployment: str) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
 
 
-def lease_epoch(redis_url: str, sid: str) -> int:
+def kill_all(deployment: str) -> None:
+    names = replicas(deployment)
+    assert names, f"no {deployment} replica found"
+    for name in names:  # one replica owns every session here; with more, the owner is among them
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+
+def lease_epoch(redis_url: str, sid: str, role: str = "llm") -> int:
     async def get() -> int:
         store = SessionStore.from_url(redis_url)
         try:
-            fence = await store.lease(sid, "llm")
+            fence = await store.lease(sid, role)
             return fence.epoch if fence else 0
         finally:
             await store.aclose()
@@ -52,13 +59,26 @@ def test_killed_llm_owner_continues_identically(served, client, golden):
 
     def kill_owner(sid: str) -> None:
         epochs["before"] = lease_epoch(served.redis_url, sid)
-        names = llm_replicas()
-        assert names, "no LLMCore replica found"
-        for name in names:  # the one replica owns every session; with more, kill them all: the owner is among them
-            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        kill_all("LLMCore")
 
     sid, first, second = conversation(client, golden, on_middle=kill_owner)
     assert first == ref_first
     assert second == ref_second
     assert lease_epoch(served.redis_url, sid) > epochs["before"]  # a new replica took the session over
+    client.close_session(sid)
+
+
+def test_killed_audio_owner_continues_identically(served, client, golden):
+    """The streaming Whisper state is rebuilt from the logged chunks: later units encode as if nothing happened."""
+    ref_sid, ref_first, ref_second = conversation(client, golden)
+    client.close_session(ref_sid)
+    epochs = {}
+
+    def kill_owner(sid: str) -> None:
+        epochs["before"] = lease_epoch(served.redis_url, sid, "audio")
+        kill_all("AudioEncoder")
+
+    sid, first, second = conversation(client, golden, on_middle=kill_owner)
+    assert (first, second) == (ref_first, ref_second)
+    assert lease_epoch(served.redis_url, sid, "audio") > epochs["before"]
     client.close_session(sid)
