@@ -24,7 +24,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from protos.minicpmo.v1 import audio_pb2, llm_pb2, omni_pb2, tts_pb2, vision_pb2
 from services.audio_encoder.processor import validate_pcm
 from services.common.config import ModelConfig
-from services.common.tensor_codec import from_proto, to_proto
+from services.common.tensor_codec import to_proto
 from services.gateway import metrics
 from services.gateway.prompts import (
     AudioRef,
@@ -37,7 +37,7 @@ from services.gateway.prompts import (
 )
 from services.gateway.tokenizer import SpecialTokens, load_tokenizer
 from services.llm_core.detokenize import IncrementalDetokenizer
-from services.llm_core.sampling import CHAT_DEFAULTS, STREAMING_DEFAULTS, SamplingParams
+from services.llm_core.sampling import CHAT_DEFAULTS, SamplingParams
 from services.vision_encoder.processor import ImageProcessorConfig, load_image
 
 SPEECH_RATE = 24000

@@ -226,9 +226,6 @@ class LLMCore(SessionAffinityReplica):
             self.owned.epochs.pop(request.session_id, None)
         return llm_pb2.DropReply(dropped=self.engine.drop(request.session_id))
 
-    async def Stats(self) -> dict:
-        return self.engine.stats()
-
     def check_health(self) -> None:
         thread = self.engine._thread
         if thread is None or not thread.is_alive():
