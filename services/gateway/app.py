@@ -17,8 +17,8 @@ max_ongoing_requests, ray_actor_options, health_check_period_s, request_router_c
 
 gRPC (Ray Serve 2.60 proxy): register GRPC_SERVICER_FUNCTIONS in `grpc_options.grpc_servicer_functions`. The
 proxy forwards every registered method to the ingress deployment's method of the same name, so
-`grpc.health.v1.Health/Check` is answered by `Gateway.Check` (Kubernetes gRPC probes work; `Watch`, a stream
-the probes do not use, is not served). Server reflection (a bidirectional stream, which the proxy would not
+`grpc.health.v1.Health/Check` and `/Watch` are answered by `Gateway.Check` / `Gateway.Watch` (Kubernetes gRPC
+probes work). Server reflection (a bidirectional stream, which the proxy would not
 forward) is served by the proxy itself: `grpc_options.enable_reflection` (default true) registers it as a
 passthrough service that answers from the descriptors of the registered services, so grpcurl/grpcui work
 without the .proto files.

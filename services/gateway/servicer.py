@@ -8,6 +8,7 @@ state from it, and the replicas go on serving.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from services.gateway.pipeline import LimitExceeded, Pipeline
 from services.gateway.sessions import InvalidTurn, LeaseLost, SessionLimitExceeded, SessionNotFound, StoreUnavailable
 
 log = logging.getLogger("ray.serve")
+WATCH_PERIOD_S = 2.0
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -128,3 +130,13 @@ class GatewayServicer:
         ok = await self.live.store_healthy()
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
+
+    # grpc.health.v1.Health/Watch: the current status at once, then each change (checked every few seconds).
+    async def Watch(self, request: health_pb2.HealthCheckRequest) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        last = None
+        while True:
+            reply = await self.Check(request)
+            if reply.status != last:
+                last = reply.status
+                yield reply
+            await asyncio.sleep(WATCH_PERIOD_S)

@@ -7,7 +7,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos.minicpmo.v1 import omni_pb2
@@ -22,6 +22,9 @@ def test_health_and_reflection(served, client):
     assert client.health() == health_pb2.HealthCheckResponse.SERVING
     assert client.health("minicpmo.v1.MiniCPMO") == health_pb2.HealthCheckResponse.SERVING
     assert client.health("no.such.Service") == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    watch = health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest(service=""))
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # the current status comes at once
+    watch.cancel()
     stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
     replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in replies[0].list_services_response.service}
