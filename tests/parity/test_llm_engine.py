@@ -113,9 +113,11 @@ def make_engine(model: LLMModel, special: SpecialTokens, **kw) -> LLMEngine:
     return engine
 
 
-def test_golden_streaming_session_through_the_engine_with_batch_mates(golden, model, tok, special):
+@pytest.mark.parametrize("prepack", [True, False], ids=["prepacked", "plain"])
+def test_golden_streaming_session_through_the_engine_with_batch_mates(golden, model, tok, special, prepack):
     """Case f: 3 prefills, assistant prefix, 12 greedy ids and the <|spk|> hidden state, while 2 other sessions
-    prefill and decode in the same forward passes."""
+    prefill and decode in the same forward passes. Both projection paths of the runner (oneDNN-prepacked
+    weights, the CPU default, and the modules' own F.linear, the GPU path)."""
     case = golden.cases["f_streaming_session"]
     n_new = len(golden["f.generated_ids"])
     prefix = model.embed(golden["f.assistant_prefix_ids"])
@@ -127,7 +129,8 @@ def test_golden_streaming_session_through_the_engine_with_batch_mates(golden, mo
         ]
         for i in range(2)
     }
-    engine = make_engine(model, special)
+    engine = make_engine(model, special, prepack_weights=prepack)
+    assert engine.runner.prepacked == prepack
     try:
 
         async def golden_session() -> tuple[list[int], list[GenEvent]]:

@@ -118,6 +118,7 @@ class LLMEngine:
         max_session_tokens: int | None = None,
         evict_idle: bool = True,
         on_evict: Callable[[str], None] | None = None,
+        prepack_weights: bool | None = None,
     ):
         cfg = model.config
         self.model = model
@@ -136,7 +137,7 @@ class LLMEngine:
             max_session_tokens or cfg.max_position_embeddings,
             evict_idle=evict_idle,
         )
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, prepack=prepack_weights)  # None: on CPU in fp32
         self.on_evict = on_evict
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -402,23 +403,22 @@ class LLMEngine:
     def _apply(self, batch: ScheduledBatch, logits: torch.Tensor, hidden: torch.Tensor) -> None:
         """Under the lock: commit the KV rows, deliver prefill results, sample and emit answer tokens."""
         logit_i = hidden_i = 0
-        to_sample: list[tuple[Request, torch.Tensor]] = []
+        to_sample: list[tuple[Request, int]] = []  # (request, its row in logits)
         for r in batch.decodes:
             if not r.finished:  # finished meanwhile (interrupt/drop): its row was never committed
                 self.scheduler.commit_decode(r)
-                to_sample.append((r, logits[logit_i]))
+                to_sample.append((r, logit_i))
             logit_i += 1
         for c in batch.prefills:
             r, work = c.request, c.request.payload
             spk = getattr(work, "spk_position", None)
-            spk_here = spk is not None and c.start <= spk < c.start + c.n
             if c.last and not r.decode:
                 work.last_hidden = hidden[hidden_i]
                 hidden_i += 1
-            if spk_here:
+            if spk is not None and c.start <= spk < c.start + c.n:
                 work.spk_hidden = hidden[hidden_i].clone()
                 hidden_i += 1
-            row = logits[logit_i] if c.last and r.decode else None
+            row = logit_i if c.last and r.decode else None
             logit_i += row is not None
             if r.finished:
                 continue
@@ -433,18 +433,21 @@ class LLMEngine:
             else:
                 to_sample.append((r, row))
         if to_sample:
-            self._sample(to_sample)
+            rows = [i for _, i in to_sample]
+            # usually every decode row, in order: a view, no copy of (rows, vocab) logits
+            picked = logits[: len(rows)] if rows == list(range(len(rows))) else logits[torch.tensor(rows)]
+            self._sample([r for r, _ in to_sample], picked)
 
-    def _sample(self, rows: list[tuple[Request, torch.Tensor]]) -> None:
-        works: list[_Generate] = [r.payload for r, _ in rows]
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        works: list[_Generate] = [r.payload for r in reqs]
         ids = sample_next(
-            torch.stack([row for _, row in rows]),
+            logits,
             [w.params for w in works],
             [w.generated for w in works],
             [w.generator for w in works],
             stop_ids=sorted(self.stop_ids),
         ).tolist()
-        for (r, _), w, tok in zip(rows, works, ids):
+        for r, w, tok in zip(reqs, works, ids):
             w.generated.append(tok)
             kv = self.blocks.num_tokens(r.session_id)
             if tok in self.stop_ids:
