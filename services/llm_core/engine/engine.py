@@ -34,7 +34,6 @@ from services.llm_core.engine.kv_cache import BlockManager, EngineFullError, KVP
 from services.llm_core.engine.runner import ForwardBatch, ModelRunner, PrefillSpan
 from services.llm_core.engine.scheduler import (
     ContextLengthError,
-    PrefillChunk,
     Request,
     ScheduledBatch,
     Scheduler,
