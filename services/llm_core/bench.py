@@ -10,10 +10,12 @@ already holds a system prompt, with nobody else on the engine.
 Answers run with no stop ids and greedy choice so every session produces exactly the same number of tokens
 (random weights would otherwise stop at random); sampling cost is not part of these numbers.
 
-Threads: like a deployed replica (`services.gateway.stage.limit_threads`), one intra-op thread unless
-`MINICPMO_TORCH_THREADS` says otherwise. On a shared, oversubscribed CPU two OpenMP threads made a 16-row step
-10x slower (every op waits at a barrier for a descheduled thread), which is noise about the machine, not the
-engine. Each point is the median of several runs (by aggregate tokens/s) for the same reason.
+Threads: torch's default (every core) unless `MINICPMO_TORCH_THREADS` is set (a deployed replica uses 1 by
+default, `services.gateway.stage.limit_threads`, because replicas share a node). The "threads" column records
+it. A single decode step is bound by weight reads and barely gains from a second core, while a batched step is
+bound by compute and does, so the batching gain grows with cores. On an oversubscribed CPU, though, several
+OpenMP threads made a 16-row step up to 10x slower (every op waits at a barrier for a descheduled thread):
+there, measure with MINICPMO_TORCH_THREADS=1. Each point is the median of several runs (by aggregate tokens/s).
 """
 
 from __future__ import annotations
@@ -164,8 +166,8 @@ def bench_config(name: str, device: str, quick: bool) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    if args.device == "cpu":
-        torch.set_num_threads(int(os.environ.get("MINICPMO_TORCH_THREADS", "1")))
+    if args.device == "cpu" and os.environ.get("MINICPMO_TORCH_THREADS"):
+        torch.set_num_threads(int(os.environ["MINICPMO_TORCH_THREADS"]))
     rows: list[dict[str, Any]] = []
     for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         rows += bench_config(name, args.device, args.quick)

@@ -95,10 +95,10 @@ class ModelRunner:
         with torch.inference_mode():
             self.layer_fns = [
                 LayerFns(
-                    *(linear_fn(getattr(l.self_attn, f"{n}_proj"), self.prepacked) for n in "qkvo"),
-                    *(linear_fn(getattr(l.mlp, f"{n}_proj"), self.prepacked) for n in ("gate", "up", "down")),
+                    *(linear_fn(getattr(layer.self_attn, f"{n}_proj"), self.prepacked) for n in "qkvo"),
+                    *(linear_fn(getattr(layer.mlp, f"{n}_proj"), self.prepacked) for n in ("gate", "up", "down")),
                 )
-                for l in model.llm.model.layers
+                for layer in model.llm.model.layers
             ]
             self.lm_head = linear_fn(model.llm.lm_head, self.prepacked)
 
