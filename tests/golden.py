@@ -39,7 +39,8 @@ class GoldenSet:
 
     @cached_property
     def tensors(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.root / "cases.safetensors"))
+        with torch.inference_mode(False):  # first use may be inside a test's inference_mode; keep them normal tensors
+            return load_file(str(self.root / "cases.safetensors"))
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]

@@ -179,7 +179,9 @@ def load_module(
 
     The module's state-dict keys must be the checkpoint names with the prefixes included (a module wrapping
     `vpm` and `resampler` has keys `vpm.…`, `resampler.…`). Skipped keys (UNUSED_AT_INFERENCE) are not read.
-    Works for modules built on the meta device (tensors are assigned, not copied).
+    Works for modules built on the meta device (tensors are assigned, not copied). The module is returned in eval
+    mode with gradients off: serving never trains, and parameters that require grad make every op record autograd
+    state (and refuse inference-mode inputs).
     """
     prefixes = tuple(prefixes)
     expected = {k: v.shape for k, v in module.state_dict().items()}
@@ -187,4 +189,4 @@ def load_module(
     check_state_dict(expected, found, f"{reader.model_dir} {list(prefixes)}")
     state = reader.load(prefixes, dtype=dtype, device=device, progress=progress)
     module.load_state_dict(state, strict=True, assign=True)
-    return module
+    return module.eval().requires_grad_(False)
