@@ -15,6 +15,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from services.audio_encoder.processor import encoder_frames, pooled_tokens
 from services.common.config import AudioConfig, ModelConfig
+from services.common.layers import MultiModalProjector
 
 ENCODER_FRAMES_PER_SECOND = 50
 
@@ -31,19 +32,6 @@ def whisper_config(audio: AudioConfig) -> WhisperConfig:
         scale_embedding=audio.scale_embedding,
         attn_implementation="sdpa",  # upstream ran WhisperSdpaAttention
     )
-
-
-class AudioProjector(nn.Module):
-    """Upstream `MultiModalProjector`: linear1 -> ReLU -> linear2."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.linear1 = nn.Linear(in_dim, out_dim)
-        self.relu = nn.ReLU()
-        self.linear2 = nn.Linear(out_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.relu(self.linear1(x)))
 
 
 def block_causal_mask(enc_lens: torch.Tensor, size: int, chunk: int) -> torch.Tensor:
@@ -97,7 +85,7 @@ class AudioModel(nn.Module):
         # The stock encoder never caches, so its attention layers have no layer_idx; streaming needs one per layer.
         for i, layer in enumerate(self.apm.layers):
             layer.self_attn.layer_idx = i
-        self.audio_projection_layer = AudioProjector(cfg.audio.encoder_ffn_dim // 4, cfg.llm.hidden_size)
+        self.audio_projection_layer = MultiModalProjector(cfg.audio.encoder_ffn_dim // 4, cfg.llm.hidden_size)
         self.pool_step = cfg.audio_pool_step
         self.pool = nn.AvgPool1d(cfg.audio_pool_step, stride=cfg.audio_pool_step)
         self.chunk_frames = int(cfg.audio_chunk_length * ENCODER_FRAMES_PER_SECOND)

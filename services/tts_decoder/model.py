@@ -23,23 +23,13 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from services.common.checkpoint import CheckpointReader, load_module
 from services.common.config import TTSConfig
+from services.common.layers import MultiModalProjector
 
 TTS_PREFIXES = ("tts.projector.", "tts.emb_code.", "tts.emb_text.", "tts.head_code.", "tts.model.")
 # Upstream sampling constants (hard-coded in `_generate_mel_spec*`, `gen_logits` and `generate`).
 TEMPERATURES = (0.1, 0.3, 0.1, 0.3)
 MIN_TOKENS_TO_KEEP = 3
 MIN_NEW_TOKENS = 10  # eos is masked for the first 10 steps of EVERY generate call (upstream quirk)
-
-
-class MultiModalProjector(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.linear1 = nn.Linear(in_dim, out_dim)
-        self.relu = nn.ReLU()
-        self.linear2 = nn.Linear(out_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.relu(self.linear1(x)))
 
 
 class KVCache:
