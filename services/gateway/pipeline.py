@@ -13,8 +13,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,26 @@ class Stages:
     llm: Any
     tts: Any
     vocoder: Any = None
+
+
+class Piece:
+    """An encoder call whose response an LLMCore call takes as an argument (embeddings go encoder -> LLMCore
+    directly). It starts at once; a retried LLMCore call asks the encoder again, since the first response may be
+    the very failure that failed the call (the encoder replica died before replying). Asking again is safe:
+    offline encoding is stateless and a streaming chunk carries a request id its replica recognises."""
+
+    def __init__(self, call: Callable[[], Any]):
+        self.call = call
+        self.response = call()
+
+    def again(self) -> Any:
+        self.response = self.call()
+        return self.response
+
+
+def request_id() -> str:
+    """Id of one logged stage request, the same on each retry (the stages answer a repeat without reapplying)."""
+    return uuid.uuid4().hex
 
 
 # --- request parsing --------------------------------------------------------------------------------------------
@@ -277,15 +298,15 @@ class Pipeline:
 
     # --- offline chat -------------------------------------------------------------------------------------------
 
-    def encode_offline(self, parsed: ParsedChat) -> list[Any]:
+    def encode_offline(self, parsed: ParsedChat) -> list[Piece]:
         """Start the encoders (concurrently); their in-flight responses go straight to LLMCore."""
         pieces = []
         if parsed.images:
-            req = vision_pb2.EncodeImagesRequest(images=parsed.images, max_slice_nums=parsed.max_slice_nums or 0)
-            pieces.append(self.stages.vision.Encode.remote(req))
+            image_req = vision_pb2.EncodeImagesRequest(images=parsed.images, max_slice_nums=parsed.max_slice_nums or 0)
+            pieces.append(Piece(partial(self.stages.vision.Encode.remote, image_req)))
         if parsed.clips:
-            req = audio_pb2.EncodeAudioRequest(clips=[to_proto(torch.from_numpy(c)) for c in parsed.clips])
-            pieces.append(self.stages.audio.Encode.remote(req))
+            audio_req = audio_pb2.EncodeAudioRequest(clips=[to_proto(torch.from_numpy(c)) for c in parsed.clips])
+            pieces.append(Piece(partial(self.stages.audio.Encode.remote, audio_req)))
         return pieces
 
     async def chat(self, request: omni_pb2.ChatRequest) -> AsyncIterator[omni_pb2.ChatEvent]:
@@ -312,15 +333,16 @@ class Pipeline:
     def llm_for(self, session_id: str):
         return self.stages.llm.options(session_id=session_id)
 
-    async def call_llm(self, session_id: str, method: str, request, *pieces):
-        """A unary LLMCore call routed to the session's owner. A call that fails because the owner died is
-        retried (Serve does not): the retry lands on the owner's replacement, which rebuilds the session from
-        its replay log first. Known gap: a prefill whose replica died after logging it but before replying is
-        applied twice by the retry (the window is one Redis write)."""
+    async def call_llm(self, session_id: str, method: str, request, *pieces: Piece):
+        """A unary LLMCore call routed to the session's owner. A call that fails because the owner (or an
+        encoder feeding it) died is retried (Serve does not): the retry lands on the owner's replacement, which
+        rebuilds the session from its replay log first. The retry is the same request (same `request_id`), so
+        one the old owner logged before dying is recognised and not applied twice."""
         delay = 0.05
         for attempt in range(RETRIES):
+            args = [p.response if attempt == 0 else p.again() for p in pieces]
             try:
-                return await getattr(self.llm_for(session_id), method).remote(request, *pieces)
+                return await getattr(self.llm_for(session_id), method).remote(request, *args)
             except (ActorDiedError, ActorUnavailableError) as e:
                 if attempt == RETRIES - 1:
                     raise
@@ -331,7 +353,7 @@ class Pipeline:
     async def answer(
         self,
         gen: llm_pb2.GenerateRequest,
-        pieces: Sequence[Any],
+        pieces: Sequence[Piece],
         speech: omni_pb2.SpeechOptions | None,
         stats: AnswerStats,
         utterance: str | None = None,
@@ -394,13 +416,17 @@ class Pipeline:
             if text_q is not None:
                 text_q.put_nowait(None)
 
-    async def _generate_events(self, gen: llm_pb2.GenerateRequest, pieces) -> AsyncIterator[llm_pb2.GenerateEvent]:
-        """LLMCore's token stream; retried on the owner's replacement if the owner died before the first event."""
+    async def _generate_events(
+        self, gen: llm_pb2.GenerateRequest, pieces: Sequence[Piece]
+    ) -> AsyncIterator[llm_pb2.GenerateEvent]:
+        """LLMCore's token stream; retried on the owner's replacement if the owner died before the first event
+        (an answer the old owner already logged is streamed again from the log: same `request_id`)."""
         delay = 0.05
         for attempt in range(RETRIES):
             started = False
+            args = [p.response if attempt == 0 else p.again() for p in pieces]
             try:
-                async for ev in self.llm_for(gen.session_id).Generate.options(stream=True).remote(gen, *pieces):
+                async for ev in self.llm_for(gen.session_id).Generate.options(stream=True).remote(gen, *args):
                     started = True
                     yield ev
                 return
@@ -458,8 +484,9 @@ class Pipeline:
                 voc = self.stages.vocoder.options(session_id=utterance)
                 dec = await voc.Decode.remote(
                     tts_pb2.DecodeRequest(
-                        utterance_id=utterance, codes=c.codes, last=c.end_of_segment or (last and i == len(items) - 1)
-                    )
+                        utterance_id=utterance, codes=c.codes, end_of_segment=c.end_of_segment,
+                        last=last and i == len(items) - 1,
+                    )  # fmt: skip
                 )
                 audio = dec.audio
             event = omni_pb2.AudioChunk(sample_rate=c.sample_rate or SPEECH_RATE, index=index, text=c.text)

@@ -4,6 +4,10 @@ Vocos alone, for when the vocoder should scale apart from the TTS backbone).
 An utterance's state (TTS KV, code history, vocoder overlap) stays in the replica that started it: the gateway
 routes every call of an utterance by its id (session affinity). Chunks carry their 4-codebook codes beside the
 audio, so a client may ask for codes, audio or both.
+
+Concurrent utterances on one replica share forward passes: every PushText/Finish goes through one `StepBatcher`,
+which advances all utterances with work by one chunk per `step_many` (their 25 generation steps batched). It also
+keeps all model and tokenizer use in one worker thread at a time (the fast tokenizer is not thread-safe).
 """
 
 from __future__ import annotations
@@ -49,11 +53,13 @@ def _chunks_msg(chunks) -> tts_pb2.SpeechChunks:
 )
 class TTSDecoder(SessionAffinityReplica):
     def __init__(self, model_dir: str, device: str = "cpu", with_vocoder: bool = True, max_utterances: int = 64):
+        from services.tts_decoder.streaming import StepBatcher
         from services.tts_decoder.streaming import TTSDecoder as Decoder
 
         limit_threads()
         self.device = device
         self.decoder = Decoder(model_dir, device=device, dtype=replica_dtype(device), vocoder=with_vocoder)
+        self.batcher = StepBatcher(self.decoder)
         self.with_vocoder = with_vocoder
         self.utterances: dict[str, tuple[Any, float]] = {}
         self.max_utterances = max_utterances
@@ -65,10 +71,16 @@ class TTSDecoder(SessionAffinityReplica):
         self.utterances[utterance_id] = (entry[0], time.monotonic())
         return entry[0]
 
+    def _drop(self, utterance_id: str) -> bool:
+        entry = self.utterances.pop(utterance_id, None)
+        if entry is not None:
+            self.batcher.forget(entry[0])
+        return entry is not None
+
     async def Start(self, request: tts_pb2.StartUtteranceRequest) -> tts_pb2.StartUtteranceResponse:
         if len(self.utterances) >= self.max_utterances:  # drop the stalest (an abandoned stream)
-            stalest = min(self.utterances, key=lambda k: self.utterances[k][1])
-            del self.utterances[stalest]
+            self._drop(min(self.utterances, key=lambda k: self.utterances[k][1]))
+        # Only the speaker projection runs here (no tokenizer), so it need not wait for the batcher's worker.
         state = await off_loop(
             self.decoder.start,
             from_proto(request.spk_hidden).float(),
@@ -81,18 +93,26 @@ class TTSDecoder(SessionAffinityReplica):
     async def PushText(self, request: tts_pb2.PushTextRequest) -> tts_pb2.SpeechChunks:
         state = self._state(request.utterance_id)
         with metrics.stage_timer("tts_push"):
-            return _chunks_msg(await off_loop(self.decoder.push_text, state, request.text))
+            return _chunks_msg(await self.batcher.push_text(state, request.text))
 
     async def Finish(self, request: tts_pb2.UtteranceRef) -> tts_pb2.SpeechChunks:
         state = self._state(request.utterance_id)
         try:
             with metrics.stage_timer("tts_finish"):
-                return _chunks_msg(await off_loop(self.decoder.finish, state))
+                return _chunks_msg(await self.batcher.finish(state))
         finally:
             self.utterances.pop(request.utterance_id, None)
 
     async def Cancel(self, request: tts_pb2.UtteranceRef) -> tts_pb2.CancelReply:
-        return tts_pb2.CancelReply(cancelled=self.utterances.pop(request.utterance_id, None) is not None)
+        return tts_pb2.CancelReply(cancelled=self._drop(request.utterance_id))
+
+    def Stats(self, reset_peak: bool = False) -> dict[str, int]:
+        """Operator view (Python handle call, not part of the gRPC contract): active utterances and the most
+        utterances one batched step advanced since the replica started or the last `reset_peak`."""
+        stats = {"active_utterances": len(self.utterances), "peak_batch": self.batcher.max_batch}
+        if reset_peak:
+            self.batcher.max_batch = 0
+        return stats
 
     def check_health(self) -> None:
         device_alive(self.device)
@@ -126,9 +146,12 @@ class Vocoder(SessionAffinityReplica):
             entry = (self.vocoder.new_stream(), time.monotonic())
         self.streams[uid] = (entry[0], time.monotonic())
         codes = from_proto(request.codes)
+        # A segment end flushes the held tail but keeps the stream: the next segment's first chunk is decoded
+        # with the last 4 codes before it. Only the utterance's end frees it.
+        flush = request.end_of_segment or request.last
         try:
             with metrics.stage_timer("vocoder"):
-                audio = await off_loop(self.vocoder.push, entry[0], codes, flush=request.last)
+                audio = await off_loop(self.vocoder.push, entry[0], codes, flush=flush)
         finally:
             if request.last:
                 self.streams.pop(uid, None)
