@@ -111,6 +111,9 @@ class SessionNotFound(SessionError):
         super().__init__(f"session {session_id!r} not found (never created, closed, or expired after idling)")
         self.session_id = session_id
 
+    def __reduce__(self):  # crosses Ray processes by pickle: rebuild from the id, not from the formatted message
+        return type(self), (self.session_id,)
+
 
 class SessionLimitExceeded(SessionError):
     """The session would pass its token / replay-log limit."""

@@ -16,7 +16,7 @@ from tests.servers import RedisServer, free_port
 
 KEYS = ("e2e-key-alpha", "e2e-key-beta")
 APP_NAME = "minicpmo"
-IDLE_TTL_S = 15  # short, so the expiry test waits seconds, not the production 10 minutes
+IDLE_TTL_S = 45  # short, so the expiry test waits under a minute; long enough to outlive a replica restart
 MAX_SESSION_TOKENS = 2048  # small, so the limit test reaches it with a few appends
 
 
