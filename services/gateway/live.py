@@ -18,6 +18,7 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -29,9 +30,11 @@ from services.gateway.pipeline import (
     AnswerStats,
     InvalidRequest,
     LimitExceeded,
+    Piece,
     Pipeline,
     decode_pcm,
     prefill_input,
+    request_id,
     sampling_msg,
     sampling_params,
 )
@@ -140,7 +143,7 @@ class LiveSessions:
             pieces = []
             if ref is not None:
                 chunk = audio_pb2.EncodeChunkRequest(session_id=sid, pcm=to_proto(torch.from_numpy(ref)), fresh=True)
-                pieces.append(self.stages.audio.EncodeChunk.remote(chunk))
+                pieces.append(Piece(partial(self.stages.audio.EncodeChunk.remote, chunk)))
             await self._prefill(sid, prompt, pieces)
         except BaseException:
             await self._forget(sid)
@@ -186,8 +189,9 @@ class LiveSessions:
         if not units:
             return 0
         # All frames of these units go to the vision encoder at once; audio follows the session's stream order.
+        encode_frame = self.stages.vision.Encode.remote
         vision = [
-            self.stages.vision.Encode.remote(vision_pb2.EncodeImagesRequest(images=[u.frame[0]], max_slice_nums=1))
+            Piece(partial(encode_frame, vision_pb2.EncodeImagesRequest(images=[u.frame[0]], max_slice_nums=1)))
             if u.frame is not None else None
             for u in units
         ]  # fmt: skip
@@ -200,8 +204,10 @@ class LiveSessions:
                 pieces.append(vis)
             if unit.audio.shape[0]:
                 content.append(AudioRef(unit.audio.shape[0]))
-                req = audio_pb2.EncodeChunkRequest(session_id=sid, pcm=to_proto(torch.from_numpy(unit.audio)))
-                pieces.append(audio_h.EncodeChunk.remote(req))
+                req = audio_pb2.EncodeChunkRequest(
+                    session_id=sid, pcm=to_proto(torch.from_numpy(unit.audio)), request_id=request_id()
+                )
+                pieces.append(Piece(partial(audio_h.EncodeChunk.remote, req)))
             prompt = await self._user_prompt(sid, content)
             with metrics.stage_timer("unit"):
                 await self._prefill(sid, prompt, pieces)
@@ -211,8 +217,8 @@ class LiveSessions:
     async def _prefill_text(self, sid: str, text: str) -> None:
         await self._prefill(sid, await self._user_prompt(sid, [text]), [])
 
-    async def _prefill(self, sid: str, prompt, pieces: list) -> None:
-        req = llm_pb2.PrefillRequest(session_id=sid, input=prefill_input(prompt), log=True)
+    async def _prefill(self, sid: str, prompt, pieces: list[Piece]) -> None:
+        req = llm_pb2.PrefillRequest(session_id=sid, input=prefill_input(prompt), log=True, request_id=request_id())
         await self.pipeline.call_llm(sid, "Prefill", req, *pieces)
 
     # --- respond / interrupt ------------------------------------------------------------------------------------
@@ -235,6 +241,7 @@ class LiveSessions:
             sampling=sampling_msg(params),
             spk_position=prefix.spk_bounds[-1][0] if speech is not None and prefix.spk_bounds else -1,
             log=True,
+            request_id=request_id(),
         )
         stats.prompt_tokens = len(prefix)
         final_turn = "interrupted"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,6 +43,13 @@ class OwnedSessions:
     On every request the replica acquires the session's lease; its local state is valid only if it was built
     under the epoch it gets back (a replica that lost the session, even briefly, rebuilds). A background sweep
     drops the state of sessions whose Redis record is gone (closed or expired), so no state outlives its session.
+
+    Idempotent retries: the gateway gives every logged request an id, stored with its replay entry, and sends
+    the same id again when it retries a call whose replica died. `applied` maps the ids that the local state
+    already holds (applied here, or replayed from the log by a rebuild) to what their answer needs, so a retry
+    of a request the old owner logged but never answered is answered from here instead of applied twice. This
+    is exact because the local state is always "the log under our epoch": only the lease holder appends, and
+    any failure that leaves the two in doubt forgets the state (the next request rebuilds it from the log).
     """
 
     def __init__(self, store, role: str, drop: Callable[[str], object], sweep_s: float = 15.0):
@@ -54,7 +61,13 @@ class OwnedSessions:
         self.sweep_s = sweep_s
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.epochs: dict[str, int] = {}
+        self.applied: dict[str, dict[str, Any]] = {}  # session id -> {request id: its result}
+        self._locks: dict[str, asyncio.Lock] = {}
         self._sweeper: asyncio.Task | None = None
+
+    def lock(self, session_id: str) -> asyncio.Lock:
+        """Orders a session's state-changing calls on this replica (a retry racing its original waits for it)."""
+        return self._locks.setdefault(session_id, asyncio.Lock())
 
     async def fence(self, session_id: str, has_state: bool):
         """(fence, rebuild?) for a request on `session_id`."""
@@ -66,8 +79,27 @@ class OwnedSessions:
     def built(self, session_id: str, epoch: int) -> None:
         self.epochs[session_id] = epoch
 
-    def forget(self, session_id: str) -> None:
+    def result(self, session_id: str, request_id: str) -> Any:
+        """What the already-applied request `request_id` answered, None if the local state lacks it."""
+        return self.applied.get(session_id, {}).get(request_id) if request_id else None
+
+    def record(self, session_id: str, request_id: str, result: Any) -> None:
+        if request_id:
+            self.applied.setdefault(session_id, {})[request_id] = result
+
+    def unrecord(self, session_id: str, request_id: str) -> None:
+        self.applied.get(session_id, {}).pop(request_id, None)
+
+    def discard(self, session_id: str) -> None:
+        """Stop vouching for the local state (it is rebuilt from the log on the next request)."""
         self.epochs.pop(session_id, None)
+        self.applied.pop(session_id, None)
+        lock = self._locks.get(session_id)
+        if lock is not None and not lock.locked():
+            del self._locks[session_id]
+
+    def forget(self, session_id: str) -> None:
+        self.discard(session_id)
         self.drop(session_id)
 
     async def _sweep(self) -> None:

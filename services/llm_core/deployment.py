@@ -9,6 +9,10 @@ prefill goes into the session's replay log first (the exact embeddings, so a reb
 reproduces the KV), every answer's fed tokens after it ends. A replica that gets a session it did not build
 (the owner died, the router moved it, the engine evicted it) rebuilds the KV from the log before serving, so
 the conversation continues as if nothing happened. One-shot chats (`ephemeral`) never touch Redis.
+
+Retries are idempotent: a logged request carries the gateway's `request_id`, kept in its replay entry's meta, so
+a replica that already holds it (see `OwnedSessions`) answers a retry from what it recorded - a prefill's KV
+length, an answer's tokens - instead of applying it a second time.
 """
 
 from __future__ import annotations
@@ -23,12 +27,19 @@ from protos.minicpmo.v1 import audio_pb2, llm_pb2, tensor_pb2, vision_pb2
 from services.common.routing import SessionAffinityReplica, affinity_router_config
 from services.common.tensor_codec import from_proto, to_proto
 from services.gateway import metrics
-from services.gateway.sessions import ReplayEntry, SessionLimitExceeded
+from services.gateway.sessions import ReplayEntry, SessionLimitExceeded, SessionNotFound
 from services.gateway.stage import OwnedSessions, limit_threads, replica_dtype, session_store
 
 
 class SpanMismatch(ValueError):
     """Encoder outputs that do not fill the prompt's placeholders."""
+
+
+class DuplicateRequest(RuntimeError):
+    """A retry that arrived while its original answer is still running on this replica."""
+
+
+_ANSWERING = "answering"  # `OwnedSessions.applied` value of an answer that has not been logged yet
 
 
 def _rows(pieces: Sequence[Message]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -62,8 +73,8 @@ def _fill(spans: Sequence[llm_pb2.Span], rows: list[torch.Tensor], what: str) ->
     return out
 
 
-def _embeds_entry(kind: str, embeds: torch.Tensor) -> ReplayEntry:
-    return ReplayEntry(kind, embeds.shape[0], to_proto(embeds).SerializeToString())
+def _embeds_entry(kind: str, embeds: torch.Tensor, meta: dict | None = None) -> ReplayEntry:
+    return ReplayEntry(kind, embeds.shape[0], to_proto(embeds).SerializeToString(), meta or {})
 
 
 def _ids_entry(kind: str, ids: Sequence[int]) -> ReplayEntry:
@@ -107,7 +118,7 @@ class LLMCore(SessionAffinityReplica):
 
     def _evicted(self, session_id: str) -> None:
         if self.owned is not None:  # rebuilt from the log on its next request
-            self.owned.epochs.pop(session_id, None)
+            self.owned.discard(session_id)
 
     def embed(self, inp: llm_pb2.PrefillInput, pieces: Sequence[Message]) -> torch.Tensor:
         image, audio = _rows(pieces)
@@ -122,6 +133,7 @@ class LLMCore(SessionAffinityReplica):
         if rebuild:
             with metrics.stage_timer("llm_rebuild"):
                 self.engine.drop(session_id)
+                self.owned.discard(session_id)
                 for entry in await self.store.replay(session_id):
                     if entry.kind in ("prefill", "prefix"):
                         embeds = from_proto(tensor_pb2.Tensor.FromString(entry.payload))
@@ -129,7 +141,10 @@ class LLMCore(SessionAffinityReplica):
                         embeds = self.model.embed_tokens(from_proto(tensor_pb2.Tensor.FromString(entry.payload)))
                     else:  # other stages' entries (streaming audio chunks)
                         continue
-                    await self.engine.prefill(session_id, embeds)
+                    kv_len = (await self.engine.prefill(session_id, embeds)).kv_len
+                    rid = entry.meta.get("request_id", "")
+                    # a prefill answers with its KV length; an answer (its prefix entry) with what it streamed
+                    self.owned.record(session_id, rid, kv_len if entry.kind == "prefill" else entry.meta)
             self.owned.built(session_id, fence.epoch)
         return fence
 
@@ -141,15 +156,23 @@ class LLMCore(SessionAffinityReplica):
                 if request.reset:
                     self.engine.drop(sid)
                 return llm_pb2.PrefillResponse(kv_len=(await self.engine.prefill(sid, embeds)).kv_len)
-            fence = await self._ensure_session(sid)
-            # The log is the truth: write it first (fenced, limit-checked), then the KV. If the KV write fails,
-            # the next request rebuilds from the log.
-            await self.store.append_replay(sid, _embeds_entry("prefill", embeds), fence=fence)
-            try:
-                result = await self.engine.prefill(sid, embeds)
-            except BaseException:
-                self.owned.forget(sid)
-                raise
+            rid = request.request_id
+            async with self.owned.lock(sid):
+                fence = await self._ensure_session(sid)
+                done = self.owned.result(sid, rid)
+                if done is not None:  # a retry of a prefill the session already holds
+                    return llm_pb2.PrefillResponse(kv_len=done)
+                # The log is the truth: write it first (fenced, limit-checked), then the KV.
+                entry = _embeds_entry("prefill", embeds, {"request_id": rid})
+                try:
+                    await self.store.append_replay(sid, entry, fence=fence)
+                    result = await self.engine.prefill(sid, embeds)
+                except (SessionLimitExceeded, SessionNotFound):
+                    raise  # refused before anything was written: KV and log still agree
+                except BaseException:
+                    self.owned.forget(sid)  # the log may hold what the KV lacks: rebuild on the next request
+                    raise
+                self.owned.record(sid, rid, result.kv_len)
         metrics.QUEUE_DEPTH.set(self.engine.stats()["queue_depth"], tags={"stage": "llm"})
         return llm_pb2.PrefillResponse(kv_len=result.kv_len)
 
@@ -168,19 +191,29 @@ class LLMCore(SessionAffinityReplica):
         if request.ephemeral:
             self.engine.drop(sid)
         elif request.log:
-            fence = await self._ensure_session(sid)
-            record = await self.store.get(sid)
-            room = self.store.max_tokens - record.tokens - embeds.shape[0]
-            if room < 1:
-                raise SessionLimitExceeded(
-                    f"session {sid} holds {record.tokens} of {self.store.max_tokens} tokens: no room for an answer; "
-                    "close it and start a new session"
-                )
+            async with self.owned.lock(sid):
+                fence = await self._ensure_session(sid)
+                done = self.owned.result(sid, request.request_id)
+                if done is None:
+                    record = await self.store.get(sid)
+                    room = self.store.max_tokens - record.tokens - embeds.shape[0]
+                    if room < 1:
+                        raise SessionLimitExceeded(
+                            f"session {sid} holds {record.tokens} of {self.store.max_tokens} tokens: no room for an "
+                            "answer; close it and start a new session"
+                        )
+                    self.owned.record(sid, request.request_id, _ANSWERING)  # until _log_answer settles it
+            if done == _ANSWERING:
+                raise DuplicateRequest(f"answer {request.request_id} of session {sid} is still running")
+            if done is not None:  # a retry of an answer the session already holds: stream the logged one again
+                for msg in _logged_answer(done, embeds.shape[0]):
+                    yield msg
+                return
             params = params.with_(max_new_tokens=min(params.max_new_tokens, room))
             kv_before = self.engine.kv_len(sid) or 0
         spk = request.spk_position if request.spk_position >= 0 else None
         generated: list[int] = []
-        kv_after = None
+        kv_after = finish = None
         first = True
         try:
             async for ev in self.engine.generate(sid, embeds, params, spk_position=spk):
@@ -194,7 +227,8 @@ class LLMCore(SessionAffinityReplica):
                         msg.spk_hidden.CopyFrom(to_proto(ev.spk_hidden.float()))
                     first = False
                 if ev.finish_reason is not None:
-                    msg.stop = _STOP[ev.finish_reason]
+                    finish = ev.finish_reason
+                    msg.stop = _STOP[finish]
                     msg.kv_len = kv_after = ev.kv_len
                 yield msg
         finally:
@@ -202,14 +236,19 @@ class LLMCore(SessionAffinityReplica):
                 self.engine.drop(sid)
             elif fence is not None:
                 kv_now = self.engine.kv_len(sid) if kv_after is None else kv_after
-                await self._log_answer(sid, fence, embeds, generated, kv_before, kv_now)
+                await self._log_answer(sid, fence, request.request_id, embeds, generated, finish, kv_before, kv_now)
 
-    async def _log_answer(self, sid, fence, prefix: torch.Tensor, generated: list[int], kv_before: int, kv_now) -> None:
-        """Log what the answer put into the KV: the prefix and the fed ids (all but the last, as upstream)."""
+    async def _log_answer(
+        self, sid, fence, rid: str, prefix: torch.Tensor, generated: list[int], finish, kv_before: int, kv_now
+    ) -> None:
+        """Log what the answer put into the KV: the prefix and the fed ids (all but the last, as upstream).
+        The prefix entry's meta also keeps what the answer streamed, for a retry of the same request id."""
         fed = (kv_now or 0) - kv_before - prefix.shape[0]
         if kv_now is None or fed < 0:  # the answer never got its prefix in: nothing to log, state is unchanged
+            self.owned.unrecord(sid, rid)
             return
-        entries = [_embeds_entry("prefix", prefix)]
+        meta = {"request_id": rid, "tokens": generated, "stop": finish or "interrupted", "kv_len": kv_now}
+        entries = [_embeds_entry("prefix", prefix, meta)]
         if fed:
             entries.append(_ids_entry("answer", generated[:fed]))
         try:
@@ -217,24 +256,33 @@ class LLMCore(SessionAffinityReplica):
         except BaseException:
             self.owned.forget(sid)  # KV and log disagree now: rebuild from the log on the next request
             raise
+        self.owned.record(sid, rid, meta)
 
     async def Interrupt(self, request: llm_pb2.SessionRef) -> llm_pb2.InterruptReply:
         return llm_pb2.InterruptReply(was_generating=self.engine.interrupt(request.session_id))
 
     async def Drop(self, request: llm_pb2.SessionRef) -> llm_pb2.DropReply:
         if self.owned is not None:
-            self.owned.epochs.pop(request.session_id, None)
+            self.owned.discard(request.session_id)
         return llm_pb2.DropReply(dropped=self.engine.drop(request.session_id))
 
     def check_health(self) -> None:
-        thread = self.engine._thread
-        if thread is None or not thread.is_alive():
+        if not self.engine.is_alive():
             raise RuntimeError("LLM engine loop is not running")
 
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
+
+
+def _logged_answer(meta: dict, prompt_tokens: int) -> list[llm_pb2.GenerateEvent]:
+    """The events of an answer already in the replay log (its `<|spk|>` hidden state is not kept)."""
+    events = [llm_pb2.GenerateEvent(token_ids=[t]) for t in meta["tokens"]] or [llm_pb2.GenerateEvent()]
+    events[0].prompt_tokens = prompt_tokens
+    events[-1].stop = _STOP[meta["stop"]]
+    events[-1].kv_len = meta["kv_len"]
+    return events
 
 
 _STOP = {
