@@ -13,7 +13,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 
 from services.audio_encoder.encoder import AudioEncoder
 from services.common.config import small_config
+from services.common.bench import timed
 
 STREAM_COUNTS = (1, 4, 16)
 
@@ -51,17 +51,6 @@ def speech_like(seconds: float, seed: int) -> np.ndarray:
     n = int(seconds * 16000)
     envelope = 0.5 + 0.5 * np.sin(np.linspace(0, seconds * 2 * np.pi * 3, n))
     return (rng.standard_normal(n) * 0.1 * envelope).astype(np.float32)
-
-
-def timed(fn, device: str) -> tuple[float, float]:
-    """(wall s, process CPU s) of one call; CPU time is the steadier number on a shared machine."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def row(mode: str, n: int, audio_s: float, times: list[tuple[float, float]], per_call: float) -> dict[str, Any]:

@@ -26,8 +26,6 @@ import argparse
 import io
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +37,7 @@ from services.gateway.stage import limit_threads
 from services.vision_encoder.encoder import VisionEncoder
 from services.vision_encoder.model import build_vision_model
 from services.vision_encoder.processor import ImageProcessorConfig
+from services.common.bench import timed
 
 IMAGE_COUNTS = (1, 4, 16)
 FRAME_WH = (640, 480)
@@ -78,17 +77,6 @@ def frames(n: int) -> list[bytes]:
     return out
 
 
-def _timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of `fn`."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def bench_config(config: str, device: str, reps: int) -> list[dict]:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     encoder = build_encoder(config, device, dtype)
@@ -101,8 +89,8 @@ def bench_config(config: str, device: str, reps: int) -> list[dict]:
         # (as timeit does) is the number least disturbed by other work on the machine.
         batched, single = [], []
         for _ in range(reps):
-            batched.append(_timed(lambda: encoder.encode(batch, MAX_SLICE_NUMS), device))
-            single.append(_timed(lambda: [encoder.encode([im], MAX_SLICE_NUMS) for im in batch], device))
+            batched.append(timed(lambda: encoder.encode(batch, MAX_SLICE_NUMS), device))
+            single.append(timed(lambda: [encoder.encode([im], MAX_SLICE_NUMS) for im in batch], device))
         (b_wall, b_cpu), (s_wall, s_cpu) = min(batched), min(single)
         common = {"config": config, "device": device, "dtype": str(dtype).removeprefix("torch."), "images": n,
                   "threads": torch.get_num_threads(), "slices_per_image": slices, "batch_size": encoder.batch_size}
