@@ -36,7 +36,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    return int(args.func(args) or 0)
+    import grpc  # client subcommands raise RpcError; show the status, not a traceback
+
+    try:
+        return int(args.func(args) or 0)
+    except grpc.RpcError as e:
+        print(f"minicpmo {args.command}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
