@@ -42,17 +42,6 @@ from services.llm_core.engine.scheduler import (
 from services.llm_core.model import LLMModel
 from services.llm_core.sampling import SamplingParams, sample_next
 
-__all__ = [
-    "ContextLengthError",
-    "EngineFullError",
-    "EngineInputError",
-    "GenEvent",
-    "LLMEngine",
-    "PrefillResult",
-    "SessionDroppedError",
-    "SessionStateError",
-]
-
 
 class EngineInputError(ValueError):
     """Malformed input to the engine (wrong embedding shape, spk position outside the prefix)."""
