@@ -472,9 +472,16 @@ class Pipeline:
                     index = await self._emit_speech(utterance, chunks, index, True, with_audio, with_codes, stats, out)
                     return
         except BaseException:
-            await tts.Cancel.remote(tts_pb2.UtteranceRef(utterance_id=utterance))
+            await self._release_utterance(tts, utterance)
             raise
-        await tts.Cancel.remote(tts_pb2.UtteranceRef(utterance_id=utterance))  # interrupted or silent: free it
+        await self._release_utterance(tts, utterance)  # interrupted or silent: free it
+
+    async def _release_utterance(self, tts, utterance: str) -> None:
+        """Free an utterance that will get no Finish: its TTS state and, when separate, its vocoder stream."""
+        ref = tts_pb2.UtteranceRef(utterance_id=utterance)
+        await tts.Cancel.remote(ref)
+        if self.stages.vocoder is not None:
+            await self.stages.vocoder.options(session_id=utterance).Release.remote(ref)
 
     async def _emit_speech(self, utterance, chunks: tts_pb2.SpeechChunks, index, last, with_audio, with_codes, stats, out) -> int:
         items = list(chunks.chunks)

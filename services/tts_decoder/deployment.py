@@ -158,5 +158,12 @@ class Vocoder(SessionAffinityReplica):
         audio = torch.as_tensor(audio, dtype=torch.float32).reshape(-1)
         return tts_pb2.DecodeResponse(audio=to_proto(audio), sample_rate=SAMPLE_RATE)
 
+    async def Release(self, request: tts_pb2.UtteranceRef) -> tts_pb2.CancelReply:
+        return tts_pb2.CancelReply(cancelled=self.streams.pop(request.utterance_id, None) is not None)
+
+    def Stats(self) -> dict[str, int]:
+        """Operator view (Python handle call, not part of the gRPC contract)."""
+        return {"active_streams": len(self.streams)}
+
     def check_health(self) -> None:
         device_alive(self.device)
