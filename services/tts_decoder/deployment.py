@@ -134,11 +134,16 @@ class Vocoder(SessionAffinityReplica):
         self.vocoder = Voc(model_dir, device=device, dtype=replica_dtype(device))
         self.streams: dict[str, tuple[Any, float]] = {}
         self.max_streams = max_streams
+        # Released utterance ids (unique per answer): a Decode that was in flight when the gateway released the
+        # utterance may arrive after the Release and must not open a new stream. Oldest forgotten first.
+        self.released: dict[str, None] = {}
 
     async def Decode(self, request: tts_pb2.DecodeRequest) -> tts_pb2.DecodeResponse:
         import torch
 
         uid = request.utterance_id
+        if uid in self.released:
+            return tts_pb2.DecodeResponse(audio=to_proto(torch.empty(0)), sample_rate=SAMPLE_RATE)  # no audio
         entry = self.streams.get(uid)
         if entry is None:
             if len(self.streams) >= self.max_streams:
@@ -159,6 +164,9 @@ class Vocoder(SessionAffinityReplica):
         return tts_pb2.DecodeResponse(audio=to_proto(audio), sample_rate=SAMPLE_RATE)
 
     async def Release(self, request: tts_pb2.UtteranceRef) -> tts_pb2.CancelReply:
+        self.released[request.utterance_id] = None
+        while len(self.released) > 16 * self.max_streams:
+            del self.released[next(iter(self.released))]
         return tts_pb2.CancelReply(cancelled=self.streams.pop(request.utterance_id, None) is not None)
 
     def Stats(self) -> dict[str, int]:
