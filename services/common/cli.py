@@ -13,9 +13,9 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-checkpoint": ("services.common.tiny_checkpoint", "register_cli"),
     "inspect-checkpoint": ("services.common.inspect", "register_cli"),
-    "serve": ("services.gateway.cli", "register_serve"),
-    "chat": ("services.gateway.cli", "register_chat"),
-    "session": ("services.gateway.cli", "register_session"),
+    "serve": ("services.client.cli", "register_serve"),
+    "chat": ("services.client.cli", "register_chat"),
+    "session": ("services.client.cli", "register_session"),
     "bench": ("services.common.bench", "register_cli"),
 }
 

@@ -123,7 +123,7 @@ class Deployed:
         from ray.serve.config import gRPCOptions
 
         from services.gateway.app import GRPC_SERVICER_FUNCTIONS, build_app
-        from services.gateway.cli import free_port, start_redis
+        from services.client.cli import free_port, start_redis
 
         self.redis, redis_url = start_redis(Path(".run/bench-redis"))
         port = free_port()
@@ -146,13 +146,13 @@ class Deployed:
         self.redis.wait(timeout=10)
 
     def client(self):
-        from services.gateway.client import MiniCPMOClient
+        from services.client.sdk import MiniCPMOClient
 
         return MiniCPMOClient(self.target, api_key="bench")
 
 
 def _speech_opts(n: int):
-    from services.gateway.client import generation_options
+    from services.client.sdk import generation_options
 
     return generation_options(max_new_tokens=n, min_new_tokens=n, greedy=True, speech=True, speech_greedy=True)
 
@@ -263,7 +263,7 @@ class InProcess:
     async def time_to_first_audio(self, sid: str, state, n: int) -> float:
         from services.gateway.prompts import assistant_prefix
         from services.llm_core.detokenize import IncrementalDetokenizer
-        from services.llm_core.sampling import GREEDY
+        from services.common.generation import GREEDY
 
         t0 = time.perf_counter()
         prefix = assistant_prefix(self.tok)

@@ -50,7 +50,7 @@ from services.gateway.prompts import (
 from services.gateway.sessions import SessionRecord
 from services.gateway.stage import session_store
 from services.gateway.tdm import TDMMuxer, Unit
-from services.llm_core.sampling import STREAMING_DEFAULTS
+from services.common.generation import STREAMING_DEFAULTS
 
 
 _MODE_NAMES = {v: k for k, v in MODES.items()}

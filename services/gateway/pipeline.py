@@ -38,7 +38,7 @@ from services.gateway.prompts import (
 )
 from services.gateway.tokenizer import SpecialTokens, load_tokenizer
 from services.llm_core.detokenize import IncrementalDetokenizer
-from services.llm_core.sampling import CHAT_DEFAULTS, SamplingParams
+from services.common.generation import CHAT_DEFAULTS, SamplingParams
 from services.vision_encoder.processor import ImageProcessorConfig, load_image
 
 SPEECH_RATE = 24000

@@ -35,7 +35,7 @@ import torch
 from services.common.config import small_config
 from services.llm_core.engine import LLMEngine
 from services.llm_core.model import LLMModel, build_llm_model, load_llm_model
-from services.llm_core.sampling import GREEDY
+from services.common.generation import GREEDY
 
 SESSION_COUNTS = (1, 4, 16, 64)
 PROMPT_TOKENS = 64

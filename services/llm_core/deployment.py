@@ -177,7 +177,7 @@ class LLMCore(SessionAffinityReplica):
         return llm_pb2.PrefillResponse(kv_len=result.kv_len)
 
     async def Generate(self, request: llm_pb2.GenerateRequest, *pieces: Message) -> AsyncIterator[llm_pb2.GenerateEvent]:
-        from services.llm_core.sampling import SamplingParams
+        from services.common.generation import SamplingParams
 
         s = request.sampling
         params = SamplingParams(

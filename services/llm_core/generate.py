@@ -15,7 +15,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from services.llm_core.model import LLMModel
-from services.llm_core.sampling import SamplingParams, sample_next
+from services.common.generation import SamplingParams
+from services.llm_core.sampling import sample_next
 
 
 @dataclass

@@ -14,63 +14,10 @@ the answer's generated ids for both, which differs only when sampling with a pen
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 
 import torch
 
-
-class SamplingError(ValueError):
-    """Sampling settings a caller can fix (out-of-range temperature, top_p, ...)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Upstream `chat` / `streaming_generate` defaults (sampling=True): top_p 0.8, top_k 100, temperature 0.7,
-    repetition_penalty 1.05, min_new_tokens 0. `greedy` is upstream's `do_sample=False` with num_beams 1.
-
-    `max_new_tokens` defaults to `chat`'s 2048 (`streaming_generate` uses 512: see STREAMING_DEFAULTS).
-    `seed` seeds this request's own generator (None: nondeterministic).
-    """
-
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 100
-    repetition_penalty: float = 1.05
-    min_new_tokens: int = 0
-    max_new_tokens: int = 2048
-    greedy: bool = False
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.greedy and self.temperature <= 0:
-            raise SamplingError(f"temperature must be > 0 when sampling (got {self.temperature}); use greedy")
-        if not 0 < self.top_p <= 1:
-            raise SamplingError(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.top_k < 0:
-            raise SamplingError(f"top_k must be >= 0 (0 disables it; got {self.top_k})")
-        if self.repetition_penalty <= 0:
-            raise SamplingError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
-        if self.min_new_tokens < 0 or self.max_new_tokens < 1:
-            raise SamplingError(
-                f"need min_new_tokens >= 0 and max_new_tokens >= 1 (got {self.min_new_tokens}, {self.max_new_tokens})"
-            )
-
-    def with_(self, **changes) -> "SamplingParams":
-        return replace(self, **changes)
-
-    def make_generator(self, device: str | torch.device = "cpu") -> torch.Generator | None:
-        """The per-request generator (None when unseeded: the global RNG is used)."""
-        if self.seed is None:
-            return None
-        g = torch.Generator(device=device)
-        g.manual_seed(self.seed)
-        return g
-
-
-CHAT_DEFAULTS = SamplingParams()
-STREAMING_DEFAULTS = SamplingParams(max_new_tokens=512)
-# What the golden greedy runs use: no penalty (upstream needs repetition_penalty=1.0 passed explicitly).
-GREEDY = SamplingParams(greedy=True, repetition_penalty=1.0)
+from services.common.generation import SamplingError, SamplingParams
 
 
 def apply_repetition_penalty(logits: torch.Tensor, ids: Sequence[int], penalty: float) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from services.gateway.client import MiniCPMOClient
+from services.client.sdk import MiniCPMOClient
 from tests.servers import RedisServer, free_port
 
 KEYS = ("e2e-key-alpha", "e2e-key-beta")

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos.minicpmo.v1 import omni_pb2
-from services.gateway.client import audio, generation_options, image, text, user, video
+from services.client.sdk import audio, generation_options, image, text, user, video
 from services.gateway.prompts import AudioRef, ImageRef, Message, PlaceholderSettings, build_chat_prompt
 from tests.e2e.media import image_bytes, wav
 
@@ -53,7 +53,7 @@ def in_process_greedy(model_dir: str, messages: list[Message], images: list[byte
     from services.gateway.tokenizer import SpecialTokens, load_tokenizer
     from services.llm_core.generate import generate_solo
     from services.llm_core.model import load_llm_model
-    from services.llm_core.sampling import GREEDY
+    from services.common.generation import GREEDY
     from services.vision_encoder.encoder import VisionEncoder
     from services.vision_encoder.processor import ImageProcessorConfig
 
@@ -138,7 +138,7 @@ def test_codes_only_speech_has_no_pcm(client):
 
 
 def test_chat_error_codes_and_replicas_keep_serving(served, client):
-    from services.gateway.client import MiniCPMOClient
+    from services.client.sdk import MiniCPMOClient
 
     cases = [
         ([user(image(b"\x89PNG\r\n\x1a\n corrupt"), text("x"))], {}, grpc.StatusCode.INVALID_ARGUMENT),

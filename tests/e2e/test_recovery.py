@@ -23,7 +23,7 @@ from services.gateway.pipeline import Limits, prefill_input, sampling_msg, sampl
 from services.gateway.prompts import AudioRef, Message, PlaceholderSettings, assistant_prefix, build_streaming_prefill
 from services.gateway.sessions import SessionStore
 from services.gateway.tokenizer import load_tokenizer
-from services.llm_core.sampling import STREAMING_DEFAULTS
+from services.common.generation import STREAMING_DEFAULTS
 from services.vision_encoder.processor import ImageProcessorConfig
 from tests.e2e.conftest import APP_NAME
 from tests.e2e.media import image_bytes, wav

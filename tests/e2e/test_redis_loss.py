@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from services.gateway.client import text, user
+from services.client.sdk import text, user
 from tests.e2e.test_sessions import greedy
 from tests.servers import RedisServer, require_redis_server
 

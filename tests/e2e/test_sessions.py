@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from protos.minicpmo.v1 import omni_pb2
-from services.gateway.client import generation_options
+from services.client.sdk import generation_options
 from tests.e2e.media import chunks, image_bytes, wav
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis]
@@ -105,7 +105,7 @@ def run_session(client, pcm, frames, text: str) -> list[int]:
 
 def test_interleaved_sessions_are_isolated(served, unit_inputs):
     """Two sessions fed concurrently answer exactly as each does alone."""
-    from services.gateway.client import MiniCPMOClient
+    from services.client.sdk import MiniCPMOClient
 
     pcm, frames = unit_inputs
     inputs = [(pcm, frames, "Tell me about the first one."), (pcm[::-1].copy(), frames[::-1], "Something else?")]
@@ -236,7 +236,7 @@ def in_process_live_greedy(model_dir: str, ref: np.ndarray, pcm: np.ndarray, fra
     from services.gateway.tokenizer import SpecialTokens, load_tokenizer
     from services.llm_core.generate import generate_solo
     from services.llm_core.model import load_llm_model
-    from services.llm_core.sampling import GREEDY
+    from services.common.generation import GREEDY
     from services.vision_encoder.encoder import VisionEncoder
     from services.vision_encoder.processor import ImageProcessorConfig
     from tests.e2e.test_chat import _spread

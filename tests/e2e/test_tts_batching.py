@@ -13,7 +13,7 @@ from ray import serve
 
 from protos.minicpmo.v1 import omni_pb2, tts_pb2
 from services.common.tensor_codec import from_proto, to_proto
-from services.gateway.client import generation_options, text, user
+from services.client.sdk import generation_options, text, user
 from services.tts_decoder.deployment import Vocoder as VocoderDeployment
 from services.tts_decoder.vocoder import Vocoder
 from tests.e2e.conftest import APP_NAME

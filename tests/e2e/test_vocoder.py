@@ -11,7 +11,7 @@ from ray import serve
 
 from protos.minicpmo.v1 import omni_pb2
 from services.gateway.app import build_app
-from services.gateway.client import MiniCPMOClient, generation_options, text, user
+from services.client.sdk import MiniCPMOClient, generation_options, text, user
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.slow]
 

@@ -32,7 +32,7 @@ from services.gateway.tokenizer import SpecialTokens, load_tokenizer
 from services.llm_core.detokenize import IncrementalDetokenizer
 from services.llm_core.generate import generate_solo
 from services.llm_core.model import LLMModel, build_llm_model, load_llm_model, random_llm_model, sequential_pieces
-from services.llm_core.sampling import GREEDY
+from services.common.generation import GREEDY
 from services.vision_encoder.processor import ImageProcessorConfig
 
 E_CASES = ["e1_text_only", "e2_image_text", "e3_audio_text", "e4_omni_units"]

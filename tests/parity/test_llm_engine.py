@@ -24,7 +24,7 @@ from services.llm_core.engine import (
 )
 from services.llm_core.generate import generate_solo
 from services.llm_core.model import LLMModel, load_llm_model
-from services.llm_core.sampling import GREEDY, SamplingParams
+from services.common.generation import GREEDY, SamplingParams
 
 ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>"
 NEXT_TURN = "<|im_end|>\n<|im_start|>user\n"

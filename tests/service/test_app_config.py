@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.gateway.app import DEPLOYMENTS, build_app, deployment_options, limits_from
-from services.gateway.cli import config_app_args
+from services.client.cli import config_app_args
 
 CONFIGS = sorted(Path("deploy").glob("*.yaml"))
 

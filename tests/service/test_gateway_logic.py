@@ -13,7 +13,7 @@ from services.gateway.pipeline import InvalidRequest, LimitExceeded, Limits, dec
 from services.gateway.prompts import Prompt, user_turn_prefix
 from services.gateway.servicer import status_for
 from services.gateway.sessions import InvalidTurn, SessionLimitExceeded, SessionNotFound, StoreUnavailable
-from services.llm_core.sampling import CHAT_DEFAULTS, STREAMING_DEFAULTS
+from services.common.generation import CHAT_DEFAULTS, STREAMING_DEFAULTS
 
 
 def opts(**kw) -> omni_pb2.GenerationOptions:

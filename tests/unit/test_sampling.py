@@ -11,16 +11,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from services.llm_core.sampling import (
-    CHAT_DEFAULTS,
-    GREEDY,
-    STREAMING_DEFAULTS,
-    SamplingError,
-    SamplingParams,
-    apply_repetition_penalty,
-    sample_next,
-    top_k_top_p_filter,
-)
+from services.common.generation import CHAT_DEFAULTS, GREEDY, STREAMING_DEFAULTS, SamplingError, SamplingParams
+from services.llm_core.sampling import apply_repetition_penalty, sample_next, top_k_top_p_filter
 
 
 def hf_processed(logits: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:

@@ -40,7 +40,8 @@ from services.llm_core.engine.scheduler import (
     SessionStateError,
 )
 from services.llm_core.model import LLMModel
-from services.llm_core.sampling import SamplingParams, sample_next
+from services.common.generation import SamplingParams
+from services.llm_core.sampling import sample_next
 
 
 class EngineInputError(ValueError):

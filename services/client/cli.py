@@ -206,7 +206,7 @@ def read_frames(folder: Path) -> list[bytes]:
 
 
 def _options(args: argparse.Namespace):
-    from services.gateway.client import generation_options
+    from services.client.sdk import generation_options
 
     return generation_options(max_new_tokens=args.max_new_tokens, greedy=args.greedy, speech=args.speech)
 
@@ -238,7 +238,7 @@ def _report(answer, out: Path | None) -> None:
 
 
 def chat_main(args: argparse.Namespace) -> int:
-    from services.gateway.client import Answer, MiniCPMOClient, audio, image, text, user, video
+    from services.client.sdk import Answer, MiniCPMOClient, audio, image, text, user, video
 
     parts = [image(p.read_bytes()) for p in args.image]
     parts += [audio(*read_audio(p)) for p in args.audio]
@@ -258,7 +258,7 @@ def chat_main(args: argparse.Namespace) -> int:
 def session_main(args: argparse.Namespace) -> int:
     import soxr
 
-    from services.gateway.client import Answer, MiniCPMOClient
+    from services.client.sdk import Answer, MiniCPMOClient
 
     pcm, sr = read_audio(args.audio)
     if pcm.ndim == 2:
