@@ -10,38 +10,26 @@ avoids torch's worker threads spinning against other processes.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from services.audio_encoder.encoder import AudioEncoder
-from services.common.config import small_config
+from services.audio_encoder.encoder import AudioEmbedder
 from services.common.bench import timed
+from services.common.bench_checkpoints import tiny_checkpoint
+from services.common.config import small_config
 
 STREAM_COUNTS = (1, 4, 16)
 
 
-def tiny_model_dir() -> Path:
-    """The golden tiny checkpoint (`$GOLDEN_DIR/checkpoint`, default ../shared/golden), else a generated one."""
-    golden = Path(os.environ.get("GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
-    if (golden / "checkpoint" / "config.json").is_file():
-        return golden / "checkpoint"
-    from services.common.tiny_checkpoint import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="minicpmo-tiny-")))
-
-
-def build(config: str, device: str) -> AudioEncoder:
+def build(config: str, device: str) -> AudioEmbedder:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if config == "tiny":
-        return AudioEncoder(tiny_model_dir(), device=device, dtype=dtype)
+        return AudioEmbedder.from_checkpoint(tiny_checkpoint(), device=device, dtype=dtype)
     if config == "small":
-        return AudioEncoder.with_random_weights(small_config(), device=device, dtype=dtype)
+        return AudioEmbedder.with_random_weights(small_config(), device=device, dtype=dtype)
     raise ValueError(f"unknown bench config {config!r}; use tiny or small")
 
 
@@ -59,14 +47,14 @@ def row(mode: str, n: int, audio_s: float, times: list[tuple[float, float]], per
             "rtf_cpu": cpu / audio_s, "ms_per_call": 1e3 * per_call}
 
 
-def bench_offline(enc: AudioEncoder, n: int, clip_s: float, repeats: int, device: str) -> dict[str, Any]:
+def bench_offline(enc: AudioEmbedder, n: int, clip_s: float, repeats: int, device: str) -> dict[str, Any]:
     clips = [speech_like(clip_s, i) for i in range(n)]
     enc.encode(clips)  # warm-up
     times = [timed(lambda: enc.encode(clips), device) for _ in range(repeats)]
     return row("offline", n, n * clip_s * repeats, times, statistics.median(t for t, _ in times))
 
 
-def bench_streaming(enc: AudioEncoder, n: int, steps: int, batched: bool, device: str) -> dict[str, Any]:
+def bench_streaming(enc: AudioEmbedder, n: int, steps: int, batched: bool, device: str) -> dict[str, Any]:
     chunks = [[speech_like(1.0, 100 * s + i) for s in range(steps)] for i in range(n)]
     enc.encode_chunks([enc.new_stream() for _ in range(n)], [c[0] for c in chunks])  # warm-up
     states = [enc.new_stream() for _ in range(n)]

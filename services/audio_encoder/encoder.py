@@ -14,16 +14,8 @@ import torch
 from transformers import DynamicCache, WhisperFeatureExtractor
 
 from services.audio_encoder.model import AudioModel
-from services.audio_encoder.processor import (
-    MAX_AUDIO_SECONDS,
-    PIECE_SECONDS,
-    SAMPLE_RATE,
-    encoder_frames,
-    extract_features,
-    load_feature_extractor,
-    split_pieces,
-    validate_pcm,
-)
+from services.common.audio import MAX_AUDIO_SECONDS, SAMPLE_RATE, encoder_frames, validate_pcm
+from services.audio_encoder.processor import PIECE_SECONDS, extract_features, load_feature_extractor, split_pieces
 from services.common.checkpoint import CheckpointReader, load_module
 from services.common.config import ModelConfig
 
@@ -54,44 +46,42 @@ def _truncate(cache: DynamicCache, length: int) -> None:
             layer.crop(-excess)
 
 
-class AudioEncoder:
-    """Whisper encoder + projector of one checkpoint (loads only `apm.` and `audio_projection_layer.`)."""
+class AudioEmbedder:
+    """Whisper encoder + projector + feature extractor: PCM in, LLM-width embeddings out."""
 
     def __init__(
         self,
-        model_dir: str | Path,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        model: AudioModel,
+        extractor: WhisperFeatureExtractor,
         max_batch_pieces: int = 16,
         max_seconds: float = MAX_AUDIO_SECONDS,
-        progress: bool = False,
     ):
-        cfg = ModelConfig.from_model_dir(model_dir)
+        self.model = model.eval()
+        self.extractor = extractor
+        self.device = next(model.parameters()).device
+        self.max_batch_pieces = max_batch_pieces
+        self.max_seconds = max_seconds
+
+    @classmethod
+    def from_checkpoint(
+        cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+        progress: bool = False, **kwargs,
+    ) -> AudioEmbedder:
+        """Loads only `apm.` and `audio_projection_layer.` of the checkpoint."""
         with torch.device("meta"):
-            model = AudioModel(cfg)
+            model = AudioModel(ModelConfig.from_model_dir(model_dir))
         load_module(model, CheckpointReader(model_dir), PREFIXES, dtype=dtype, device=device, progress=progress)
-        self._setup(model, load_feature_extractor(model_dir), device, max_batch_pieces, max_seconds)
+        return cls(model, load_feature_extractor(model_dir), **kwargs)
 
     @classmethod
     def with_random_weights(
         cls, cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-        max_batch_pieces: int = 16,
-    ) -> "AudioEncoder":
+        **kwargs,
+    ) -> AudioEmbedder:
         """An encoder of `cfg`'s sizes with random weights (benchmarks of configs that have no checkpoint)."""
         torch.manual_seed(seed)
         model = AudioModel(cfg).to(device=device, dtype=dtype)
-        self = cls.__new__(cls)
-        extractor = WhisperFeatureExtractor(feature_size=cfg.audio.num_mel_bins)
-        self._setup(model, extractor, device, max_batch_pieces, MAX_AUDIO_SECONDS)
-        return self
-
-    def _setup(self, model: AudioModel, extractor: WhisperFeatureExtractor, device, max_batch_pieces: int,
-               max_seconds: float) -> None:
-        self.model = model.eval()
-        self.extractor = extractor
-        self.device = torch.device(device)
-        self.max_batch_pieces = max_batch_pieces
-        self.max_seconds = max_seconds
+        return cls(model, WhisperFeatureExtractor(feature_size=cfg.audio.num_mel_bins), **kwargs)
 
     @property
     def hidden_size(self) -> int:

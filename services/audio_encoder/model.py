@@ -13,7 +13,7 @@ from torch import nn
 from transformers import DynamicCache, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from services.audio_encoder.processor import encoder_frames, pooled_tokens
+from services.common.audio import encoder_frames, pooled_tokens
 from services.common.config import AudioConfig, ModelConfig
 from services.common.layers import MultiModalProjector
 

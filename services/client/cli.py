@@ -1,4 +1,4 @@
-"""`minicpmo serve`, `minicpmo chat`, `minicpmo session`: run the pipeline locally and talk to it over gRPC.
+"""`minicpmo chat` and `minicpmo session`: talk to a running pipeline over gRPC.
 
 Video input: no video decoding library (PyAV, OpenCV, imageio) is installed with the project, so `--video`
 takes a FOLDER of frames (one image per second of video, in name order) plus, optionally, the soundtrack as an
@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,133 +18,6 @@ import numpy as np
 
 DEFAULT_TARGET = "127.0.0.1:9000"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-# --- serve ----------------------------------------------------------------------------------------------------
-
-
-def register_serve(sub: argparse._SubParsersAction, name: str) -> None:
-    p = sub.add_parser(name, help="run Redis (if needed), a local Ray cluster and every deployment; gRPC on :9000")
-    p.add_argument("--model-dir", default=os.environ.get("MODEL_DIR"),
-                   help="checkpoint directory (default: $MODEL_DIR, else a tiny random checkpoint)")
-    p.add_argument("--redis-url", default=os.environ.get("MINICPMO_REDIS_URL"),
-                   help="Redis URL (default: start a local redis-server)")
-    p.add_argument("--api-keys", default=os.environ.get("MINICPMO_API_KEYS"),
-                   help="comma list of accepted API keys (default: $MINICPMO_API_KEYS, else one generated key)")
-    p.add_argument("--port", type=int, default=9000, help="gRPC port (default 9000)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--separate-vocoder", action="store_true", help="run DVAE + Vocos as their own deployment")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray cluster may use")
-    p.add_argument("--config", type=Path, default=Path("deploy/local-cpu.yaml"),
-                   help="Ray Serve config whose app args, deployment options and gRPC options to use "
-                        "(default deploy/local-cpu.yaml when present; command-line flags win)")
-    p.set_defaults(func=serve_main)
-
-
-def config_app_args(path: Path) -> tuple[dict, dict, dict]:
-    """(build_app args, gRPC options, HTTP options) from a `serve run` config file: the first app's args, with its
-    `deployments:` list folded into args["deployments"] (what `serve run` would apply on top of the app)."""
-    import yaml
-
-    cfg = yaml.safe_load(path.read_text())
-    app = (cfg.get("applications") or [{}])[0]
-    args = dict(app.get("args") or {})
-    per = {k: dict(v) for k, v in (args.get("deployments") or {}).items()}
-    for d in app.get("deployments") or []:
-        d = dict(d)
-        per.setdefault(d.pop("name"), {}).update(d)
-    args["deployments"] = per
-    return args, dict(cfg.get("grpc_options") or {}), dict(cfg.get("http_options") or {})
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    """A local redis-server (no persistence) on a free 127.0.0.1 port; returns once it answers PING."""
-    import redis
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found: run `make setup` (or apt-get install redis-server), or pass --redis-url")
-    workdir = workdir.resolve()  # redis-server changes into --dir before it opens the log file
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir), "--save", "",
-         "--appendonly", "no", "--logfile", str(workdir / "redis.log")],
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if client.ping():
-                return proc, f"redis://127.0.0.1:{port}/0"
-        except redis.ConnectionError:
-            time.sleep(0.025)  # polling start-up
-    proc.terminate()
-    raise RuntimeError(f"redis-server did not start; see {workdir / 'redis.log'}")
-
-
-def serve_main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user cluster
-    import ray
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    from services.gateway.app import GRPC_SERVICER_FUNCTIONS, build_app
-
-    redis_proc = None
-    redis_url = args.redis_url
-    if not redis_url:
-        redis_proc, redis_url = start_redis(Path(".run/redis"))
-        print(f"started redis-server at {redis_url}", flush=True)
-    keys = args.api_keys
-    if not keys:
-        keys = secrets.token_urlsafe(24)
-        print(f"no API key configured: generated one for this run: {keys}", flush=True)
-    try:
-        app_args, grpc_cfg, http_cfg = config_app_args(args.config) if args.config.is_file() else ({}, {}, {})
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": 8000, **http_cfg},
-            grpc_options=gRPCOptions(**{
-                "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS, **grpc_cfg, "port": args.port,
-            }),  # fmt: skip
-        )
-        app_args.update(redis_url=redis_url, api_keys=keys)
-        if args.separate_vocoder:
-            app_args["separate_vocoder"] = True
-        if args.model_dir:
-            app_args["model_dir"] = args.model_dir
-        else:
-            print("no MODEL_DIR: serving a tiny RANDOM checkpoint (its answers are noise)", flush=True)
-        if args.device:
-            app_args["device"] = args.device
-        serve.run(build_app(app_args), name="minicpmo", route_prefix="/")
-        print(
-            f"\nMiniCPM-o serving pipeline is up.\n"
-            f"  gRPC:    127.0.0.1:{args.port}  (minicpmo.v1.MiniCPMO, grpc.health.v1.Health, reflection)\n"
-            f"  API key: send metadata 'x-api-key: <key>'\n"
-            f"  try:     MINICPMO_API_KEY={keys.split(',')[0]} minicpmo chat --text 'Hello!'\n"
-            f"  metrics: Ray's Prometheus endpoint (minicpmo_* series)\n"
-            f"Ctrl-C to stop.",
-            flush=True,
-        )
-        stop = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to sigwait, not as KeyboardInterrupt mid-call
-        signal.sigwait(stop)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
-    return 0
 
 
 # --- client commands --------------------------------------------------------------------------------------------
@@ -187,10 +55,22 @@ def register_session(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """A sound file as mono float32 (channels averaged) and its sample rate; a clear exit for a bad file."""
     import soundfile as sf
 
-    pcm, sr = sf.read(str(path), dtype="float32", always_2d=False)
-    return pcm, sr
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
+    try:
+        pcm, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise SystemExit(f"{path}: not a readable audio file ({e}); send WAV, FLAC or OGG") from None
+    return pcm.mean(axis=1, dtype=np.float32), sr
+
+
+def read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
+    return path.read_bytes()
 
 
 def read_frames(folder: Path) -> list[bytes]:
@@ -240,7 +120,7 @@ def _report(answer, out: Path | None) -> None:
 def chat_main(args: argparse.Namespace) -> int:
     from services.client.sdk import Answer, MiniCPMOClient, audio, image, text, user, video
 
-    parts = [image(p.read_bytes()) for p in args.image]
+    parts = [image(read_bytes(p)) for p in args.image]
     parts += [audio(*read_audio(p)) for p in args.audio]
     if args.video:
         sound = read_audio(args.video_audio) if args.video_audio else (None, 16000)
@@ -261,8 +141,6 @@ def session_main(args: argparse.Namespace) -> int:
     from services.client.sdk import Answer, MiniCPMOClient
 
     pcm, sr = read_audio(args.audio)
-    if pcm.ndim == 2:
-        pcm = pcm.mean(axis=1)
     if sr != 16000:
         pcm = soxr.resample(pcm, sr, 16000).astype(np.float32)
     frames = read_frames(args.video) if args.video else []

@@ -10,18 +10,75 @@
 
 Every call sends the API key (`x-api-key`) and, for session calls, `session_id` metadata so that Ray Serve's
 proxy routes them to the gateway replica that holds the session's partial unit.
+
+Retries: calls that are safe to repeat (GetSession, Interrupt, CloseSession; Chat and Respond as long as no event
+of the answer arrived) are retried, with back-off, when the server says UNAVAILABLE or when the gateway replica
+serving them died (Ray Serve's proxy reports that as INTERNAL naming the dead actor). CreateSession and
+AppendUnit are not repeated: a repeat would create a second session or feed the same audio twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.minicpmo.v1 import omni_pb2, omni_pb2_grpc
+
+T = TypeVar("T")
+RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0, 4.0)  # ~12 s in all: a gateway replica's restart
+_DEAD_GATEWAY = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "actor died", "Actor died")
+
+
+def retryable(err: grpc.RpcError) -> bool:
+    """UNAVAILABLE, or the proxy's INTERNAL for a gateway replica that died under the call."""
+    code = err.code()
+    return code == grpc.StatusCode.UNAVAILABLE or (
+        code == grpc.StatusCode.INTERNAL and any(m in (err.details() or "") for m in _DEAD_GATEWAY)
+    )
+
+
+def with_retries(call: Callable[[], T]) -> T:
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return call()
+        except grpc.RpcError as e:
+            if delay is None or not retryable(e):
+                raise
+            time.sleep(delay)  # back-off before repeating a call that is safe to repeat
+    raise AssertionError("unreachable")
+
+
+class RetryingStream(Iterator[T]):
+    """A server stream repeated on a retryable failure as long as nothing of it arrived yet; `cancel()` cancels
+    the call in flight (iterating on then raises CANCELLED, as a plain gRPC stream does)."""
+
+    def __init__(self, call: Callable[[], Iterator[T]]):
+        self._call = call
+        self._delays = iter(RETRY_DELAYS_S)
+        self._current = call()
+        self._started = False
+
+    def __next__(self) -> T:
+        while True:
+            try:
+                item = next(self._current)
+                self._started = True
+                return item
+            except grpc.RpcError as e:
+                delay = next(self._delays, None)
+                if self._started or delay is None or not retryable(e):
+                    raise
+                time.sleep(delay)  # back-off before repeating the stream
+                self._current = self._call()
+
+    def cancel(self) -> None:
+        self._current.cancel()
 
 
 def text(t: str) -> omni_pb2.ContentPart:
@@ -131,7 +188,8 @@ class MiniCPMOClient:
     # --- chat -----------------------------------------------------------------------------------------------------
 
     def chat_stream(self, messages: Iterable[omni_pb2.Message], **kw) -> Iterator[omni_pb2.ChatEvent]:
-        return self.stub.Chat(chat_request(messages, **kw), metadata=self._md(), timeout=self.timeout_s)
+        req = chat_request(messages, **kw)
+        return RetryingStream(lambda: self.stub.Chat(req, metadata=self._md(), timeout=self.timeout_s))
 
     def chat(self, messages: Iterable[omni_pb2.Message], on_event=None, **kw) -> Answer:
         return Answer.collect(self.chat_stream(messages, **kw), on_event)
@@ -170,22 +228,22 @@ class MiniCPMOClient:
         req = omni_pb2.RespondRequest(session_id=session_id)
         if options is not None:
             req.options.CopyFrom(options)
-        return self.stub.Respond(req, metadata=self._md(session_id), timeout=self.timeout_s)
+        return RetryingStream(lambda: self.stub.Respond(req, metadata=self._md(session_id), timeout=self.timeout_s))
 
     def respond(self, session_id: str, options: omni_pb2.GenerationOptions | None = None, on_event=None) -> Answer:
         return Answer.collect(self.respond_stream(session_id, options), on_event)
 
     def interrupt(self, session_id: str) -> omni_pb2.InterruptResponse:
         req = omni_pb2.InterruptRequest(session_id=session_id)
-        return self.stub.Interrupt(req, metadata=self._md(session_id), timeout=self.timeout_s)
+        return with_retries(lambda: self.stub.Interrupt(req, metadata=self._md(session_id), timeout=self.timeout_s))
 
     def close_session(self, session_id: str) -> None:
         req = omni_pb2.CloseSessionRequest(session_id=session_id)
-        self.stub.CloseSession(req, metadata=self._md(session_id), timeout=self.timeout_s)
+        with_retries(lambda: self.stub.CloseSession(req, metadata=self._md(session_id), timeout=self.timeout_s))
 
     def get_session(self, session_id: str) -> omni_pb2.SessionInfo:
         req = omni_pb2.GetSessionRequest(session_id=session_id)
-        return self.stub.GetSession(req, metadata=self._md(session_id), timeout=self.timeout_s)
+        return with_retries(lambda: self.stub.GetSession(req, metadata=self._md(session_id), timeout=self.timeout_s))
 
     # --- health ---------------------------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ STAGES: dict[str, str] = {
     "audio": "services.audio_encoder.bench",
     "llm": "services.llm_core.bench",
     "tts": "services.tts_decoder.bench",
-    "pipeline": "services.gateway.bench",
+    "pipeline": "services.app.bench",
 }
 
 

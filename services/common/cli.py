@@ -13,7 +13,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-checkpoint": ("services.common.tiny_checkpoint", "register_cli"),
     "inspect-checkpoint": ("services.common.inspect", "register_cli"),
-    "serve": ("services.client.cli", "register_serve"),
+    "serve": ("services.app.serve", "register_cli"),
     "chat": ("services.client.cli", "register_chat"),
     "session": ("services.client.cli", "register_session"),
     "bench": ("services.common.bench", "register_cli"),

@@ -14,8 +14,8 @@ Public API
 ``check_owner(caller_hash: str, owner_hash: str) -> None``: raises ``PermissionDenied`` unless equal.
 ``extract_api_key(metadata) -> str | None``: the key from metadata pairs (keys case-insensitive).
 
-Errors (the gateway maps them): ``Unauthenticated`` -> UNAUTHENTICATED, ``PermissionDenied`` -> PERMISSION_DENIED;
-both subclass ``AuthError``. ``AuthConfigError(ValueError)`` is a deployment mistake, raised at start-up.
+Errors: ``Unauthenticated`` (UNAUTHENTICATED) and ``PermissionDenied`` (PERMISSION_DENIED) from the error
+taxonomy; ``AuthConfigError(ValueError)`` is a deployment mistake, raised at start-up.
 
 Comparisons are constant-time (``hmac.compare_digest``) and run over every configured key, so the time taken
 does not tell a caller how close its guess was or which key matched.
@@ -28,20 +28,10 @@ import hmac
 import os
 from collections.abc import Iterable, Mapping
 
+from services.runtime.errors import PermissionDenied, Unauthenticated
+
 ENV_VAR = "MINICPMO_API_KEYS"
 _HASH_DOMAIN = b"minicpmo.v1 api key:"
-
-
-class AuthError(Exception):
-    """Base of the errors a caller gets for its credentials."""
-
-
-class Unauthenticated(AuthError):
-    """No API key, or one this deployment does not know."""
-
-
-class PermissionDenied(AuthError):
-    """A valid key used on a resource (a session) that another key created."""
 
 
 class AuthConfigError(ValueError):

@@ -1,45 +1,38 @@
 """Ray Serve deployment `Gateway`: the gRPC ingress (through Ray Serve's gRPC proxy) of `minicpmo.v1.MiniCPMO`.
 
-Stateless between requests: live-session state lives in Redis and in the stage replicas that own it, so any
-gateway replica can serve any call and the gateway scales out freely.
+Live-session state lives in Redis and in the stage replicas that own it, so any gateway replica can serve any
+call; calls that carry `session_id` metadata stick to one replica (which keeps the session's muxer and the chain
+of its calls in memory, and writes the muxer's content to Redis so another replica can continue the session).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from ray import serve
 
-from services.common.routing import SessionAffinityReplica, affinity_router_config
+from protos.minicpmo.v1 import omni_pb2
 from services.gateway.auth import ApiKeyAuth
+from services.gateway.chat import chat
+from services.gateway.context import GatewayContext
 from services.gateway.live import LiveSessions
-from services.gateway.pipeline import Limits, Pipeline, Stages
+from services.gateway.requests import Limits
 from services.gateway.servicer import GatewayServicer
+from services.gateway.sessions import SessionRecords
+from services.gateway.stages import RayStages
+from services.runtime.routing import SessionAffinityReplica
 
 
-@serve.deployment(
-    name="Gateway",
-    max_ongoing_requests=128,
-    ray_actor_options={"num_cpus": 0.25},
-    health_check_period_s=10,
-    # Calls that carry `session_id` metadata stick to one gateway replica, which holds the session's partial
-    # second of audio (the TDM muxer); everything else about a session is in Redis and the stage replicas.
-    request_router_config=affinity_router_config(),
-)
+@serve.deployment(name="Gateway")
 class Gateway(GatewayServicer, SessionAffinityReplica):
-    def __init__(
-        self,
-        model_dir: str,
-        redis_url: str,
-        api_keys: list[str] | str | None,
-        limits: Limits,
-        vision,
-        audio,
-        llm,
-        tts,
-        vocoder=None,
-    ):
+    def __init__(self, model_dir: str, redis_url: str, api_keys: list[str] | str | None, limits: Limits,
+                 vision, audio, llm, tts):  # fmt: skip
         self.auth = ApiKeyAuth.from_config(api_keys)
-        self.pipeline = Pipeline(model_dir, Stages(vision, audio, llm, tts, vocoder), limits)
-        self.live = LiveSessions(self.pipeline, redis_url)
+        self.ctx = GatewayContext.from_model_dir(model_dir, RayStages(vision, audio, llm, tts), limits)
+        self.live = LiveSessions(self.ctx, SessionRecords.from_url(redis_url, ttl_s=limits.session_idle_ttl_s))
+
+    def chat(self, request: omni_pb2.ChatRequest) -> AsyncIterator[omni_pb2.ChatEvent]:
+        return chat(self.ctx, request)
 
     # No custom check_health: a gateway replica is healthy while its event loop answers (Serve's default check).
     # Redis loss shows as NOT_SERVING on grpc.health.v1 instead: restarting replicas would not bring Redis back.

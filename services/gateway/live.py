@@ -1,59 +1,70 @@
-"""Live sessions (upstream `streaming_prefill` / `streaming_generate`) on top of the session store and the stages.
+"""The live-session driver (upstream `streaming_prefill` / `streaming_generate`), free of any transport: it
+works on the stage calls of `RayStages` (or any object with the same methods) and the session records in Redis,
+and is what the gRPC servicer, the benchmarks and the recovery tests drive.
 
-CreateSession prefills the system prompt (with its reference voice) into a new session. AppendUnit runs the
-client's audio and frames through the TDM muxer; each completed 1 s unit (`<unit>` + its latest frame + its
-second of audio) is encoded at once - frame and audio concurrently, the frames of all completed units at once -
-and prefilled into the session in order (each unit's encoder responses go straight into its prefill call, so
-order holds however the encoders answer). Respond flushes the partial second, prefills the assistant prefix and
-streams the answer; Interrupt stops it on the LLM replica that owns the session.
+CreateSession prefills the system prompt (with its reference voice). AppendUnit runs the client's audio and
+frames through the TDM muxer; each completed 1 s unit (`<unit>` + its latest frame + its second of audio) is
+encoded at once and prefilled in order. Units are pipelined: a unit's encoders start as soon as its second is
+complete, while the previous unit is still prefilling; only the LLM prefills (and the audio chunks, which
+continue one Whisper stream) are chained, one after another, so order holds. Respond flushes the partial
+second, waits for the session's prefills, then streams the answer; Interrupt stops it.
 
-State: the record, turn state, leases and replay log are in Redis (`SessionStore`); the KV and the streaming
-Whisper state are in the replicas that own them; only the partial second of audio not yet cut into a unit lives
-here (calls that carry `session_id` metadata stick to this gateway replica).
+Redis per AppendUnit: one round trip (the live input, the user turn when this call starts one, and the TTL,
+in one script); the stages fence their own state. The owner check is cached per session on this replica: the
+API key of a session never changes, and a session closed elsewhere fails its next stage call (NOT_FOUND).
+
+State here: per session, its muxer and the chain of its scheduled calls. The muxer's content (the unfinished
+second of audio, the waiting frame, the unit count) is also written to Redis on every call, so another gateway
+replica continues a session whose replica died without losing that second (`SessionRecords.load`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
 from protos.minicpmo.v1 import audio_pb2, llm_pb2, omni_pb2, vision_pb2
+from services.common.audio import SAMPLE_RATE
+from services.common.generation import STREAMING_DEFAULTS
 from services.common.tensor_codec import to_proto
-from services.gateway import metrics
-from services.gateway.pipeline import (
-    MODES,
-    AnswerStats,
-    InvalidRequest,
-    LimitExceeded,
-    Piece,
-    Pipeline,
-    decode_pcm,
-    prefill_input,
-    request_id,
-    sampling_msg,
-    sampling_params,
-)
+from services.gateway.answer import Answer
+from services.gateway.auth import check_owner
+from services.gateway.context import GatewayContext, prefill_input, sampling_msg
 from services.gateway.prompts import (
+    UNIT,
     AudioRef,
     Message,
     PlaceholderSettings,
+    PlainText,
+    Prompt,
     StreamingPromptState,
     assistant_prefix,
     build_streaming_prefill,
     system_prompt,
 )
-from services.gateway.sessions import SessionRecord
-from services.gateway.stage import session_store
+from services.gateway.requests import (
+    VOICE_MODES,
+    InvalidRequest,
+    LimitExceeded,
+    check_text,
+    decode_pcm,
+    image_ref,
+    language,
+    sampling_params,
+    voice_mode,
+)
+from services.gateway.sessions import InvalidTurn, LiveInput, SessionRecord, SessionRecords
 from services.gateway.tdm import TDMMuxer, Unit
-from services.common.generation import STREAMING_DEFAULTS
+from services.runtime import metrics
 
-
-_MODE_NAMES = {v: k for k, v in MODES.items()}
+_MODE_IDS = {v: k for k, v in VOICE_MODES.items()}
 _STATES = {
     "idle": omni_pb2.SESSION_STATE_IDLE,
     "user_turn": omni_pb2.SESSION_STATE_LISTENING,
@@ -61,239 +72,327 @@ _STATES = {
     "answered": omni_pb2.SESSION_STATE_IDLE,
     "interrupted": omni_pb2.SESSION_STATE_IDLE,
 }
+HEARTBEAT_S = 1.0  # the running answer extends its turn lease this often (the lease is a few periods)
 
 
 def prompt_state(previous_turn: str) -> StreamingPromptState:
-    """The upstream prompt flags of a session whose turn state was `previous_turn` before this input."""
+    """The upstream prompt flags of a session whose turn state was `previous_turn` before this input (a dead
+    answer that was taken over, "answering", ends like an interrupted one)."""
     return StreamingPromptState(
         started=True,
         new_user_msg=previous_turn != "user_turn",
-        generated=previous_turn in ("answered", "interrupted"),
+        generated=previous_turn in ("answered", "interrupted", "answering"),
         completed=previous_turn == "answered",
     )
 
 
-@dataclass
-class _Local:
-    """What this gateway replica keeps of a session: the muxer and a lock ordering the session's appends."""
+def request_id() -> str:
+    """Id of one logged stage request, the same on each retry (the stages answer a repeat without reapplying)."""
+    return uuid.uuid4().hex
 
-    muxer: TDMMuxer = field(default_factory=TDMMuxer)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    units: int = 0
+
+@dataclass
+class _Session:
+    """What this gateway replica keeps of a live session."""
+
+    owner: str
+    record: SessionRecord
+    muxer: TDMMuxer
+    units: int
+    kv_len: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # orders the session's inputs as they arrive
+    prefill_tail: asyncio.Future | None = None  # the last scheduled prefill: the next one waits for it
+    chunk_tail: asyncio.Future | None = None  # the last scheduled audio chunk: its stream continues in order
+
+    def live_input(self) -> LiveInput:
+        frame = self.muxer.pending_frame
+        return LiveInput(self.muxer.pending_audio(), frame[0] if frame else None, self.units)
 
 
 class LiveSessions:
-    def __init__(self, pipeline: Pipeline, redis_url: str):
-        lim = pipeline.limits
-        self.pipeline = pipeline
-        self.store = session_store(redis_url, ttl_s=lim.session_idle_ttl_s, max_tokens=lim.max_session_tokens)
-        self.settings = PlaceholderSettings.streaming(pipeline.image_cfg)
-        self.local: dict[str, _Local] = {}
+    def __init__(self, ctx: GatewayContext, records: SessionRecords):
+        self.ctx = ctx
+        self.records = records
+        self.settings = PlaceholderSettings.streaming(ctx.image_cfg)
+        self.sessions: dict[str, _Session] = {}
         self._sweeper: asyncio.Task | None = None
 
     @property
-    def stages(self):
-        return self.pipeline.stages
+    def limits(self):
+        return self.ctx.limits
 
-    async def store_healthy(self) -> bool:
-        try:
-            return bool(await self.store.client.ping())
-        except Exception:
-            return False
+    # --- this replica's view of a session -----------------------------------------------------------------------
 
-    def _local(self, sid: str) -> _Local:
-        if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep())
-        if sid not in self.local:
-            self.local[sid] = _Local()
-            metrics.ACTIVE_SESSIONS.set(len(self.local))
-        return self.local[sid]
+    async def _session(self, sid: str, caller: str) -> _Session:
+        """The session's local state, loaded from Redis the first time this replica serves it."""
+        s = self.sessions.get(sid)
+        if s is None:
+            if self._sweeper is None:
+                self._sweeper = asyncio.create_task(self._sweep())
+            record, live = await self.records.load(sid)
+            check_owner(caller, record.owner)
+            muxer = TDMMuxer(first_seq=live.units)
+            if live.pending_pcm.size:
+                muxer.push_audio(live.pending_pcm)
+            if live.pending_frame:
+                muxer.push_frame((live.pending_frame, image_ref(live.pending_frame, 0, self.ctx.image_cfg)))
+            s = self.sessions.setdefault(sid, _Session(record.owner, record, muxer, live.units, record.tokens))
+            metrics.ACTIVE_SESSIONS.set(len(self.sessions))
+        check_owner(caller, s.owner)
+        return s
 
     async def _sweep(self, period_s: float = 15.0) -> None:
-        """Forget the muxers of sessions whose record expired (or was closed through another replica)."""
+        """Forget the local state of sessions whose record expired (or was closed through another replica)."""
         while True:
             await asyncio.sleep(period_s)
-            try:
-                for sid in await self.store.missing(list(self.local)):
-                    self.local.pop(sid, None)
-                metrics.ACTIVE_SESSIONS.set(len(self.local))
-            except Exception:  # Redis blip: next period
-                continue
+            with contextlib.suppress(Exception):  # Redis blip: next period
+                for sid in await self.records.missing(list(self.sessions)):
+                    self.sessions.pop(sid, None)
+            metrics.ACTIVE_SESSIONS.set(len(self.sessions))
 
     # --- create ---------------------------------------------------------------------------------------------------
 
     async def create(self, caller: str, request: omni_pb2.CreateSessionRequest) -> omni_pb2.SessionInfo:
-        mode_id = request.mode or omni_pb2.VOICE_MODE_OMNI
-        if mode_id not in MODES:
-            raise InvalidRequest(f"unknown session mode {request.mode}")
-        language = request.language or "en"
-        if language not in ("en", "zh"):
-            raise InvalidRequest(f"language must be 'en' or 'zh', got {language!r}")
-        # Validate the options now rather than at the first Respond.
-        sampling_params(request.options, STREAMING_DEFAULTS, self.pipeline.limits)
-        ref = decode_pcm(request.reference_voice, self.pipeline.limits.max_audio_seconds) if request.reference_voice.pcm else None
-        msg = system_prompt(MODES[mode_id], language, AudioRef(ref.shape[0]) if ref is not None else None)
+        mode = voice_mode(request.mode or omni_pb2.VOICE_MODE_OMNI)
+        lang = language(request.language)
+        sampling_params(request.options, STREAMING_DEFAULTS, self.limits)  # refuse bad options now
+        ref = None
+        if request.reference_voice.pcm:
+            ref = decode_pcm(request.reference_voice, self.limits.max_audio_seconds, "reference_voice")
+        msg = system_prompt(mode, lang, AudioRef(ref.shape[0]) if ref is not None else None)
         options = {"generation": base64.b64encode(request.options.SerializeToString()).decode()}
-        record = await self.store.create(caller, MODES[mode_id], language, options)
+        record = await self.records.create(caller, mode, lang, options)
         sid = record.session_id
         try:
             # The system prompt starts the session (upstream: a new session id, rendered with the TTS template);
             # its audio goes through a throwaway Whisper stream, as upstream drops that cache afterwards.
-            prompt = build_streaming_prefill(msg, StreamingPromptState(), self.pipeline.tokenizer, settings=self.settings)
+            prompt = build_streaming_prefill(msg, StreamingPromptState(), self.ctx.tokenizer, settings=self.settings)
             pieces = []
             if ref is not None:
                 chunk = audio_pb2.EncodeChunkRequest(session_id=sid, pcm=to_proto(torch.from_numpy(ref)), fresh=True)
-                pieces.append(Piece(partial(self.stages.audio.EncodeChunk.remote, chunk)))
-            await self._prefill(sid, prompt, pieces)
+                pieces.append(self.ctx.stages.encode_chunk(chunk))
+            s = _Session(caller, record, TDMMuxer(), 0, 0)
+            self.sessions[sid] = s
+            s.kv_len = (await self._prefill(sid, prompt, pieces, llm_pb2.PREFILL_KIND_SYSTEM)).kv_len
         except BaseException:
             await self._forget(sid)
             raise
-        return await self.info(caller, sid)
+        return self._info(s, await self.records.get(sid))
 
     # --- append ---------------------------------------------------------------------------------------------------
 
     async def append(self, caller: str, request: omni_pb2.AppendUnitRequest) -> omni_pb2.AppendUnitResponse:
-        sid = request.session_id
-        await self.store.get_owned(sid, caller)
-        lim = self.pipeline.limits
+        lim = self.limits
         if len(request.frames) > lim.max_frames_per_append:
             raise LimitExceeded(f"{len(request.frames)} frames in one call; the limit is {lim.max_frames_per_append}")
-        if len(request.text) > lim.max_text_chars:
-            raise LimitExceeded(f"text of {len(request.text)} chars; the limit is {lim.max_text_chars}")
+        text = check_text(request.text, lim, "text")
         pcm = decode_pcm(request.audio, lim.max_audio_seconds) if request.audio.pcm else None
-        frames = [(f.data, self.pipeline.image_ref(f.data, i)) for i, f in enumerate(request.frames)]
-        if pcm is None and not frames and not request.text:
+        frames = [(f.data, image_ref(f.data, i, self.ctx.image_cfg)) for i, f in enumerate(request.frames)]
+        if pcm is None and not frames and not text:
             raise InvalidRequest("AppendUnit carries nothing: send audio, frames or text")
-        local = self._local(sid)
-        async with local.lock:  # one session's inputs enter its KV in arrival order
-            for data, ref in frames:
-                local.muxer.push_frame((data, ref))
-            units = local.muxer.push_audio(pcm) if pcm is not None else []
-            n = await self._prefill_units(sid, units)
-            if request.text:
-                await self._prefill_text(sid, request.text)
-            record = await self.store.get(sid)
+        s = await self._session(request.session_id, caller)
+        async with s.lock:  # one session's inputs enter its KV in arrival order
+            for frame in frames:
+                s.muxer.push_frame(frame)
+            units = s.muxer.push_audio(pcm) if pcm is not None else []
+            scheduled = await self._schedule(request.session_id, s, units, text)
+        results = await asyncio.gather(*scheduled)
+        if results:
+            s.kv_len = results[-1].kv_len
         return omni_pb2.AppendUnitResponse(
-            units_prefilled=n,
-            pending_audio_ms=local.muxer.pending_samples * 1000 // 16000,
-            token_count=record.tokens,
+            units_prefilled=len(units),
+            pending_audio_ms=s.muxer.pending_samples * 1000 // SAMPLE_RATE,
+            token_count=s.kv_len,
         )
 
-    async def _user_prompt(self, sid: str, content: list):
-        prev = await self.store.set_turn(sid, "user_turn")
-        return build_streaming_prefill(
-            Message("user", content), prompt_state(prev), self.pipeline.tokenizer, settings=self.settings
-        )
+    async def _schedule(self, sid: str, s: _Session, units: list[Unit], text: str) -> list[asyncio.Future]:
+        """Under the session lock: record the live input (starting the user turn if these inputs begin one) and
+        start the encoders and the chained prefills of `units` and `text`."""
+        s.units += len(units)
+        starts_input = bool(units or text)
+        prev = await self.records.save_input(sid, s.live_input(), start_turn=starts_input)
+        if prev == "answering":  # took the turn over from an answer whose gateway died: stop it on the LLM
+            await self.ctx.stages.interrupt(sid)
+        state = prompt_state(prev) if prev is not None else None
+        scheduled = []
+        for unit in units:
+            scheduled.append(self._schedule_unit(sid, s, unit, state))
+        if text:
+            msg = Message("user", [PlainText(text)])
+            prompt = build_streaming_prefill(msg, state, self.ctx.tokenizer, settings=self.settings)
+            scheduled.append(self._chain_prefill(sid, s, prompt, [], llm_pb2.PREFILL_KIND_TEXT))
+        return scheduled
 
-    async def _prefill_units(self, sid: str, units: list[Unit]) -> int:
-        if not units:
-            return 0
-        # All frames of these units go to the vision encoder at once; audio follows the session's stream order.
-        encode_frame = self.stages.vision.Encode.remote
-        vision = [
-            Piece(partial(encode_frame, vision_pb2.EncodeImagesRequest(images=[u.frame[0]], max_slice_nums=1)))
-            if u.frame is not None else None
-            for u in units
-        ]  # fmt: skip
-        audio_h = self.stages.audio.options(session_id=sid)
-        for unit, vis in zip(units, vision):
-            content: list = ["<unit>"]
-            pieces = []
-            if unit.frame is not None:
-                content.append(unit.frame[1])
-                pieces.append(vis)
-            if unit.audio.shape[0]:
-                content.append(AudioRef(unit.audio.shape[0]))
-                req = audio_pb2.EncodeChunkRequest(
-                    session_id=sid, pcm=to_proto(torch.from_numpy(unit.audio)), request_id=request_id()
-                )
-                pieces.append(Piece(partial(audio_h.EncodeChunk.remote, req)))
-            prompt = await self._user_prompt(sid, content)
-            with metrics.stage_timer("unit"):
-                await self._prefill(sid, prompt, pieces)
-            self._local(sid).units += 1
-        return len(units)
+    def _schedule_unit(self, sid: str, s: _Session, unit: Unit, state: StreamingPromptState) -> asyncio.Future:
+        content: list = [UNIT]
+        pieces = []
+        if unit.frame is not None:
+            data, ref = unit.frame
+            content.append(ref)
+            pieces.append(self.ctx.stages.encode_images(vision_pb2.EncodeImagesRequest(images=[data], max_slice_nums=1)))
+        if unit.audio.shape[0]:
+            content.append(AudioRef(unit.audio.shape[0]))
+            chunk = audio_pb2.EncodeChunkRequest(
+                session_id=sid, pcm=to_proto(torch.from_numpy(unit.audio)), request_id=request_id()
+            )
+            pieces.append(self._chain_chunk(s, chunk))
+        prompt = build_streaming_prefill(Message("user", content), state, self.ctx.tokenizer, settings=self.settings)
+        return self._chain_prefill(sid, s, prompt, pieces, llm_pb2.PREFILL_KIND_UNIT)
 
-    async def _prefill_text(self, sid: str, text: str) -> None:
-        await self._prefill(sid, await self._user_prompt(sid, [text]), [])
+    def _chain_chunk(self, s: _Session, chunk: audio_pb2.EncodeChunkRequest):
+        """An audio chunk's encode, started once the session's previous chunk was encoded (one Whisper stream:
+        the chunks must reach the AudioEncoder in order, and concurrent handle calls may arrive in any order)."""
+        before = _pending(s.chunk_tail)
 
-    async def _prefill(self, sid: str, prompt, pieces: list[Piece]) -> None:
-        req = llm_pb2.PrefillRequest(session_id=sid, input=prefill_input(prompt), log=True, request_id=request_id())
-        await self.pipeline.call_llm(sid, "Prefill", req, *pieces)
+        async def encode():
+            if before is not None:
+                with contextlib.suppress(Exception):  # its own prefill reports its failure
+                    await before
+            piece = self.ctx.stages.encode_chunk(chunk)
+            await piece.response  # in the stream now: the next chunk may follow
+            return piece
+
+        task = asyncio.ensure_future(encode())
+        s.chunk_tail = task
+        return _Deferred(task)
+
+    def _chain_prefill(self, sid: str, s: _Session, prompt: Prompt, pieces: list, kind: int) -> asyncio.Future:
+        """The prefill of `prompt`, sent once the session's previous prefill is in (its encoders run meanwhile)."""
+        before = _pending(s.prefill_tail)
+        started = time.perf_counter()
+
+        async def prefill() -> llm_pb2.PrefillResponse:
+            if before is not None:
+                await before  # a failing earlier prefill fails the ones queued behind it: order would break
+            resolved = [await p.piece() if isinstance(p, _Deferred) else p for p in pieces]
+            reply = await self._prefill(sid, prompt, resolved, kind)
+            metrics.STAGE_LATENCY.observe(time.perf_counter() - started, tags={"stage": "unit"})
+            return reply
+
+        task = asyncio.ensure_future(prefill())
+        s.prefill_tail = task
+        return task
+
+    async def _prefill(self, sid: str, prompt: Prompt, pieces: list, kind: int) -> llm_pb2.PrefillResponse:
+        req = llm_pb2.PrefillRequest(
+            session_id=sid, input=prefill_input(prompt), request_id=request_id(), kind=kind,
+            close_tokens=prompt.close_tokens, open_tokens=prompt.open_tokens,
+        )  # fmt: skip
+        return await self.ctx.stages.prefill(req, pieces)
 
     # --- respond / interrupt ------------------------------------------------------------------------------------
 
-    async def respond(self, caller: str, request: omni_pb2.RespondRequest):
+    async def respond(self, caller: str, request: omni_pb2.RespondRequest) -> AsyncIterator[omni_pb2.ChatEvent]:
         sid = request.session_id
-        record = await self.store.get_owned(sid, caller)
-        opts = request.options if request.HasField("options") else _stored_options(record)
-        params = sampling_params(opts, STREAMING_DEFAULTS, self.pipeline.limits)
-        stats = AnswerStats(started=time.perf_counter())
-        local = self._local(sid)
-        async with local.lock:
-            await self._prefill_units(sid, local.muxer.flush())  # the partial last second (upstream: short chunk)
-        await self.store.set_turn(sid, "answering")  # InvalidTurn if an answer is already running
-        prefix = assistant_prefix(self.pipeline.tokenizer)
+        s = await self._session(sid, caller)
+        opts = request.options if request.HasField("options") else _stored_options(s.record)
+        params = sampling_params(opts, STREAMING_DEFAULTS, self.limits)
+        async with s.lock:
+            scheduled = await self._schedule(sid, s, s.muxer.flush(), "")  # the partial last second
+            tail = _pending(s.prefill_tail)
+        await asyncio.gather(*scheduled)
+        if tail is not None:
+            await tail
+        answer_id = request_id()
+        if await self._begin_answer(sid, answer_id) == "answering":  # took over a dead answer
+            await self.ctx.stages.interrupt(sid)
+        prefix = assistant_prefix(self.ctx.tokenizer)
         speech = opts.speech if opts.speech.enabled else None
         gen = llm_pb2.GenerateRequest(
             session_id=sid,
             input=prefill_input(prefix),
             sampling=sampling_msg(params),
             spk_position=prefix.spk_bounds[-1][0] if speech is not None and prefix.spk_bounds else -1,
-            log=True,
-            request_id=request_id(),
+            request_id=answer_id,
+            stop_ids=self.ctx.special.stop_ids,
         )
-        stats.prompt_tokens = len(prefix)
         final_turn = "interrupted"
+        heartbeat = asyncio.create_task(self._heartbeat(sid, answer_id))
         try:
-            async for event in self.pipeline.answer(gen, [], speech, stats, utterance=f"{sid}/{time.time_ns()}"):
-                if event.HasField("final") and event.final.finish_reason == omni_pb2.FINISH_REASON_STOP:
-                    final_turn = "answered"
+            answer = Answer(self.ctx.stages, self.ctx.detokenizer, gen, [], speech, utterance_id=f"{sid}/{answer_id}")
+            async for event in answer.events():
+                if event.HasField("final"):
+                    s.kv_len = event.final.usage.session_tokens or s.kv_len
+                    if event.final.finish_reason == omni_pb2.FINISH_REASON_STOP:
+                        final_turn = "answered"
                 yield event
         finally:
-            # Only a stop token completes a turn; length, interrupts and failures close it as interrupted.
-            await self.store.set_turn(sid, final_turn)
+            heartbeat.cancel()
+            # Only a stop token completes a turn; length, interrupts and failures close it as interrupted. If
+            # Redis is unreachable now, the turn's lease runs out on its own.
+            with contextlib.suppress(Exception):
+                await self.records.end_answer(sid, answer_id, final_turn)
+
+    async def _begin_answer(self, sid: str, answer_id: str) -> str:
+        """Take the answering turn. An answer that holds it is either running (then Respond is refused after
+        its lease would have run out) or dead with its gateway (its lease runs out and the turn is taken over)."""
+        deadline = time.monotonic() + self.records.answer_lease_s + 1.0
+        while True:
+            try:
+                return await self.records.begin_answer(sid, answer_id)
+            except InvalidTurn:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.25)  # polling the lease of a possibly dead answer (bounded above)
+
+    async def _heartbeat(self, sid: str, answer_id: str) -> None:
+        while await self.records.heartbeat(sid, answer_id):
+            await asyncio.sleep(HEARTBEAT_S)
 
     async def interrupt(self, caller: str, sid: str) -> omni_pb2.InterruptResponse:
-        record = await self.store.get_owned(sid, caller)
-        if record.turn != "answering":
-            return omni_pb2.InterruptResponse(was_responding=False)
-        reply = await self.pipeline.call_llm(sid, "Interrupt", llm_pb2.SessionRef(session_id=sid))
-        return omni_pb2.InterruptResponse(was_responding=reply.was_generating)
+        await self._session(sid, caller)
+        was_answering = await self.records.interrupt(sid)
+        if was_answering:
+            await self.ctx.stages.interrupt(sid)
+        return omni_pb2.InterruptResponse(was_responding=was_answering)
 
     # --- close / info ---------------------------------------------------------------------------------------------
 
     async def close(self, caller: str, sid: str) -> None:
-        await self.store.get_owned(sid, caller)
+        await self._session(sid, caller)
         await self._forget(sid)
-        metrics.ACTIVE_SESSIONS.set(len(self.local))
 
     async def _forget(self, sid: str) -> None:
-        """Free the session everywhere: Redis keys first (so no replica rebuilds it), then replica state."""
-        await self.store.delete(sid)
-        self.local.pop(sid, None)
-        ref = llm_pb2.SessionRef(session_id=sid)
-        await asyncio.gather(
-            self.pipeline.call_llm(sid, "Drop", ref),
-            self.stages.audio.options(session_id=sid).DropStream.remote(audio_pb2.DropStreamRequest(session_id=sid)),
-            return_exceptions=True,  # a stage that is down frees the state anyway: its sweep finds the record gone
-        )
+        """Free the session everywhere: Redis keys first (so no stage rebuilds it), then the stages' state."""
+        await self.records.delete(sid)
+        self.sessions.pop(sid, None)
+        metrics.ACTIVE_SESSIONS.set(len(self.sessions))
+        self.ctx.stages.forget(sid)
 
     async def info(self, caller: str, sid: str) -> omni_pb2.SessionInfo:
-        record = await self.store.get_owned(sid, caller)
-        local = self.local.get(sid)
+        s = await self._session(sid, caller)
+        return self._info(s, await self.records.get(sid))
+
+    def _info(self, s: _Session, record: SessionRecord) -> omni_pb2.SessionInfo:
         return omni_pb2.SessionInfo(
-            session_id=sid,
-            mode=_MODE_NAMES.get(record.mode, omni_pb2.VOICE_MODE_UNSPECIFIED),
+            session_id=record.session_id,
+            mode=_MODE_IDS.get(record.mode, omni_pb2.VOICE_MODE_UNSPECIFIED),
             language=record.language,
             state=_STATES.get(record.turn, omni_pb2.SESSION_STATE_UNSPECIFIED),
             token_count=record.tokens,
-            units=local.units if local else 0,
+            units=s.units,
             created_at=record.created_at,
             last_active_at=record.updated_at,
             idle_ttl_s=record.ttl_s,
-            pending_audio_ms=local.muxer.pending_samples * 1000 // 16000 if local else 0,
+            pending_audio_ms=s.muxer.pending_samples * 1000 // SAMPLE_RATE,
+            context_window_tokens=self.limits.context_window_tokens,
+            context_keep_tokens=self.limits.context_keep_tokens,
         )
+
+
+def _pending(task: asyncio.Future | None) -> asyncio.Future | None:
+    """`task` if it has not finished yet (a finished one already reported its result to its own caller)."""
+    return task if task is not None and not task.done() else None
+
+
+class _Deferred:
+    """An audio chunk's Piece that exists once its turn in the session's stream came (see `_chain_chunk`)."""
+
+    def __init__(self, task: asyncio.Future):
+        self.task = task
+
+    async def piece(self):
+        return await self.task
 
 
 def _stored_options(record: SessionRecord) -> omni_pb2.GenerationOptions:

@@ -3,27 +3,37 @@ the prefixes of streaming (live) sessions.
 
 Pure string/id work on top of the tokenizer (no model code), so the gateway can run it cheaply. The flow of
 upstream `chat`: each message's content list becomes one string (images -> `(<image>./</image>)`, audio ->
-`(<audio>./</audio>)`, joined with "" in omni mode, else "\\n"), the list is rendered with a chat template, each
+`(<audio>./</audio>)`, joined with "" in omni mode, else "\n"), the list is rendered with a chat template, each
 tag is replaced by its placeholder (`<unk>` rows that the encoders' outputs later overwrite), the text is
 tokenized, and the bounds of those rows are read off the token ids.
+
+One deliberate difference: upstream tokenizes the whole string at once, so a user who TYPES `<|im_end|>` or
+`<unit>` gets the control token itself (prompt injection). Here a message's content is a list of segments:
+`str` is markup the server writes (system prompts, `<unit>`; tokenized as upstream, control tokens and all),
+`PlainText` is what a caller typed (never a control token). The prompt is split at the control tokens the
+server put there and every text run between them is tokenized with special tokens off. For text without
+control-token strings this gives exactly upstream's ids (HF tokenizers split at added tokens first and encode
+the runs between them independently); for typed control strings it gives their plain-text ids.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import PreTrainedTokenizerFast
 
-from services.audio_encoder.processor import audio_placeholder
+from services.common.audio import audio_placeholder
+from services.common.image_layout import ImageProcessorConfig, image_placeholder, slice_layout
 from services.gateway.tokenizer import SpecialTokens
-from services.vision_encoder.processor import ImageProcessorConfig, image_placeholder, slice_layout
+from services.runtime.errors import InvalidArgument
 
 IMAGE_TAG = "(<image>./</image>)"
 AUDIO_TAG = "(<audio>./</audio>)"
-_TAG_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(AUDIO_TAG)})")
+UNIT = "<unit>"  # the live unit marker (markup: tokenized as the control token)
 
 # upstream `default_tts_chat_template`: ChatML without a default system prompt, with the speaker/TTS prefix
 DEFAULT_TTS_CHAT_TEMPLATE = (
@@ -38,7 +48,7 @@ Role = Literal["system", "user", "assistant"]
 ROLES = ("system", "user", "assistant")
 
 
-class PromptError(ValueError):
+class PromptError(InvalidArgument):
     """A request whose messages cannot be turned into a prompt; the message says what to change."""
 
 
@@ -59,7 +69,15 @@ class AudioRef:
     key: object = None
 
 
-Content = str | ImageRef | AudioRef
+@dataclass(frozen=True)
+class PlainText:
+    """Text a caller typed: always tokenized as plain text, never as control tokens."""
+
+    text: str
+
+
+Content = str | PlainText | ImageRef | AudioRef
+Segment = str | PlainText  # after placeholder expansion: markup or typed text
 
 
 @dataclass
@@ -85,6 +103,8 @@ class Prompt:
     audios: list[AudioRef] = field(default_factory=list)  # in prompt order
     audio_messages: list[int] = field(default_factory=list)  # message index of each audio (upstream merges
     # consecutive audios of one message into one clip before Whisper)
+    close_tokens: int = 0  # live prefills: leading ids that close the previous answer
+    open_tokens: int = 0  # then the ids that open a user turn
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -128,28 +148,20 @@ class PlaceholderSettings:
         return cls(image, max_slice_nums or 1, False, True)
 
 
-def expand_placeholders(
-    text: str, images: Sequence[ImageRef], audios: Sequence[AudioRef], ps: PlaceholderSettings
-) -> str:
-    """Replace the i-th image tag by image i's slice placeholder and the j-th audio tag by audio j's."""
-    chunks = _TAG_SPLIT.split(text)
-    n_img = sum(c == IMAGE_TAG for c in chunks)
-    n_aud = sum(c == AUDIO_TAG for c in chunks)
-    if n_img != len(images) or n_aud != len(audios):
-        raise PromptError(
-            f"the prompt has {n_img} image and {n_aud} audio tags but {len(images)} images and {len(audios)} "
-            f"audios were given (do not type {IMAGE_TAG!r} or {AUDIO_TAG!r} in text)"
-        )
-    i = j = 0
-    for k, c in enumerate(chunks):
-        if c == IMAGE_TAG:
-            layout = slice_layout(images[i].size_wh, ps.max_slice_nums, ps.image)
-            chunks[k] = image_placeholder(layout, i, ps.use_image_id, ps.image.query_num)
+def expand_placeholders(content: Sequence[Content], ps: PlaceholderSettings, first_image: int = 0) -> list[Segment]:
+    """Images and audio replaced by their placeholder markup (image ids count from `first_image`)."""
+    out: list[Segment] = []
+    i = first_image
+    for c in content:
+        if isinstance(c, ImageRef):
+            layout = slice_layout(c.size_wh, ps.max_slice_nums, ps.image)
+            out.append(image_placeholder(layout, i, ps.use_image_id, ps.image.query_num))
             i += 1
-        elif c == AUDIO_TAG:
-            chunks[k] = audio_placeholder(audios[j].num_samples, ps.chunk_input)
-            j += 1
-    return "".join(chunks)
+        elif isinstance(c, AudioRef):
+            out.append(audio_placeholder(c.num_samples, ps.chunk_input))
+        else:
+            out.append(c)
+    return out
 
 
 # --- bounds -----------------------------------------------------------------------------------------------------
@@ -178,27 +190,80 @@ def spk_bounds(ids: Sequence[int], sp: SpecialTokens) -> list[tuple[int, int]]:
     return _pairs(ids, {sp.spk_bos}, {sp.spk_eos}, "speaker")
 
 
+# --- tokenization -----------------------------------------------------------------------------------------------
+
+
+def _control_pattern(tokenizer: PreTrainedTokenizerFast) -> re.Pattern[str]:
+    """The added tokens (what HF splits a string at before BPE), longest first."""
+    tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in tokens))
+
+
+def encode_segments(segments: Sequence[Segment], tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Token ids of markup (control tokens recognised) and typed text (never control tokens), see module doc."""
+    pattern = _control_pattern(tokenizer)
+    vocab = tokenizer.get_added_vocab()
+    ids: list[int] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            ids.extend(tokenizer.encode("".join(run), add_special_tokens=False, split_special_tokens=True))
+            run.clear()
+
+    for seg in segments:
+        if isinstance(seg, PlainText):
+            run.append(seg.text)
+            continue
+        pos = 0
+        for m in pattern.finditer(seg):
+            run.append(seg[pos : m.start()])
+            flush()
+            ids.append(vocab[m.group(0)])
+            pos = m.end()
+        run.append(seg[pos:])
+    flush()
+    return ids
+
+
+def _check_markup(content: Sequence[Content]) -> None:
+    for c in content:
+        if isinstance(c, str) and (IMAGE_TAG in c or AUDIO_TAG in c):
+            raise PromptError(
+                f"media tags {IMAGE_TAG!r} / {AUDIO_TAG!r} in markup text; pass images and audio as ImageRef/AudioRef"
+            )
+        if not isinstance(c, (str, PlainText, ImageRef, AudioRef)):
+            raise PromptError(f"unsupported content item of type {type(c).__name__}")
+
+
+def _display(segments: Sequence[Content]) -> str:
+    """The segments as one string (typed text verbatim, media as their tags): `Prompt.rendered`."""
+    tags = {ImageRef: IMAGE_TAG, AudioRef: AUDIO_TAG}
+    return "".join(c.text if isinstance(c, PlainText) else tags.get(type(c), c) for c in segments)  # type: ignore[arg-type]
+
+
 def tokenize_prompt(
-    text: str,
+    content: Sequence[Content],
     tokenizer: PreTrainedTokenizerFast,
-    images: Sequence[ImageRef] = (),
-    audios: Sequence[AudioRef] = (),
     audio_messages: Sequence[int] = (),
     settings: PlaceholderSettings = PlaceholderSettings(),
 ) -> Prompt:
-    """Expand the tags of a rendered prompt, tokenize it and compute its bounds."""
-    final = expand_placeholders(text, images, audios, settings)
-    ids = tokenizer.encode(final, add_special_tokens=False)
+    """Expand the placeholders of a rendered prompt, tokenize it and compute its bounds."""
+    _check_markup(content)
+    segments = expand_placeholders(content, settings)
+    ids = encode_segments(segments, tokenizer)
     sp = SpecialTokens.from_tokenizer(tokenizer)
+    images = [c for c in content if isinstance(c, ImageRef)]
+    audios = [c for c in content if isinstance(c, AudioRef)]
     return Prompt(
-        text=final,
-        rendered=text,
+        text=_display(segments),
+        rendered=_display(content),
         input_ids=ids,
         image_bounds=image_bounds(ids, sp),
         audio_bounds=audio_bounds(ids, sp),
         spk_bounds=spk_bounds(ids, sp),
-        images=list(images),
-        audios=list(audios),
+        images=images,
+        audios=audios,
         audio_messages=list(audio_messages) or [0] * len(audios),
     )
 
@@ -206,23 +271,44 @@ def tokenize_prompt(
 # --- chat -------------------------------------------------------------------------------------------------------
 
 
-def message_text(msg: Message, omni_input: bool) -> tuple[str, list[ImageRef], list[AudioRef]]:
-    """One message's content as upstream flattens it: tags for media, joined with "" (omni) or "\\n"."""
-    parts: list[str] = []
-    images: list[ImageRef] = []
-    audios: list[AudioRef] = []
-    for c in msg.parts():
-        if isinstance(c, ImageRef):
-            images.append(c)
-            parts.append(IMAGE_TAG)
-        elif isinstance(c, AudioRef):
-            audios.append(c)
-            parts.append(AUDIO_TAG)
-        elif isinstance(c, str):
-            parts.append(c)
-        else:
-            raise PromptError(f"unsupported content item of type {type(c).__name__} in a {msg.role} message")
-    return ("" if omni_input else "\n").join(parts), images, audios
+def message_content(msg: Message, omni_input: bool) -> list[Content]:
+    """One message's content as upstream flattens it: its parts joined with "" (omni) or "\n"."""
+    parts = msg.parts()
+    _check_markup(parts)
+    sep = "" if omni_input else "\n"
+    out: list[Content] = []
+    for i, c in enumerate(parts):
+        if i and sep:
+            out.append(sep)
+        out.append(c)
+    return out
+
+
+def render_template(
+    tokenizer: PreTrainedTokenizerFast,
+    messages: Sequence[tuple[str, list[Content]]],
+    template: str | None,
+    add_generation_prompt: bool,
+) -> list[Content]:
+    """A chat template applied to (role, content) messages, with every message's content kept as its segments
+    (the template only ever sees a placeholder for it, so typed text never passes through the template)."""
+    nonce = uuid.uuid4().hex
+    slots = [f"\x00{nonce}:{i}\x00" for i in range(len(messages))]
+    text = tokenizer.apply_chat_template(
+        [{"role": role, "content": slot} for (role, _), slot in zip(messages, slots)],
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        chat_template=template,
+    )
+    out: list[Content] = []
+    for (_, content), slot in zip(messages, slots):
+        before, found, text = text.partition(slot)
+        if not found:
+            raise PromptError("the chat template dropped a message")
+        out.append(before)
+        out.extend(content)
+    out.append(text)
+    return [c for c in out if c != ""]
 
 
 def build_chat_prompt(
@@ -236,28 +322,20 @@ def build_chat_prompt(
     (Qwen2.5, which adds its default system prompt when the first message is not `system`)."""
     if not messages:
         raise PromptError("messages are empty")
-    rendered: list[dict[str, str]] = []
-    images: list[ImageRef] = []
-    audios: list[AudioRef] = []
+    rendered: list[tuple[str, list[Content]]] = []
     audio_messages: list[int] = []
     for i, msg in enumerate(messages):
         if msg.role not in ROLES:
             raise PromptError(f"message {i}: role must be one of {ROLES}, got {msg.role!r}")
         if i == 0 and msg.role == "assistant":
             raise PromptError("the first message must have role 'user' or 'system'")
-        text, imgs, auds = message_text(msg, omni_input)
-        images += imgs
-        audios += auds
-        audio_messages += [i] * len(auds)
-        rendered.append({"role": msg.role, "content": text})
-    use_tts_template = use_tts_template or bool(audios)
-    text = tokenizer.apply_chat_template(
-        rendered,
-        tokenize=False,
-        add_generation_prompt=True,
-        chat_template=DEFAULT_TTS_CHAT_TEMPLATE if use_tts_template else None,
-    )
-    return tokenize_prompt(text, tokenizer, images, audios, audio_messages, settings)
+        content = message_content(msg, omni_input)
+        audio_messages += [i] * sum(isinstance(c, AudioRef) for c in content)
+        rendered.append((msg.role, content))
+    use_tts_template = use_tts_template or bool(audio_messages)
+    template = DEFAULT_TTS_CHAT_TEMPLATE if use_tts_template else None
+    content = render_template(tokenizer, rendered, template, add_generation_prompt=True)
+    return tokenize_prompt(content, tokenizer, audio_messages, settings)
 
 
 # --- system prompts (upstream `get_sys_prompt`) ------------------------------------------------------------------
@@ -314,18 +392,23 @@ def system_prompt(mode: str = "default", language: str = "zh", ref_audio: AudioR
 After = Literal["system", "answer", "interrupt"]
 
 
-def user_turn_prefix(after: After | None) -> str:
-    """What precedes the first user chunk of a turn: after the system message (or any non-answer), after a
-    finished answer, after an interrupted one (`<|tts_eos|>` closes the cut speech); "" for later chunks."""
+_CLOSE = {"system": "", "answer": "<|im_end|>\n", "interrupt": "<|tts_eos|><|im_end|>\n"}
+_OPEN = "<|im_start|>user\n"
+
+
+def turn_markup(after: After | None) -> tuple[str, str]:
+    """(close, open) markup before the first user chunk of a turn: what closes the previous message (nothing
+    after the system message; after a finished answer `<|im_end|>\n`; after an interrupted one `<|tts_eos|>`
+    first, which ends the cut speech) and what opens the user turn; ("", "") for later chunks of a turn."""
     if after is None:
-        return ""
-    if after == "system":
-        return "<|im_start|>user\n"
-    if after == "answer":
-        return "<|im_end|>\n<|im_start|>user\n"
-    if after == "interrupt":
-        return "<|tts_eos|><|im_end|>\n<|im_start|>user\n"
-    raise PromptError(f"unknown turn boundary {after!r}")
+        return "", ""
+    if after not in _CLOSE:
+        raise PromptError(f"unknown turn boundary {after!r}")
+    return _CLOSE[after], _OPEN
+
+
+def user_turn_prefix(after: After | None) -> str:
+    return "".join(turn_markup(after))
 
 
 @dataclass
@@ -338,23 +421,24 @@ class StreamingPromptState:
     generated: bool = False
     completed: bool = False
 
-    def next_prefix(self, role: Role) -> tuple[bool, str]:
-        """(render with the TTS template as a new session?, prefix) for the next prefilled message; updates state."""
+    def next_prefix(self, role: Role) -> tuple[bool, tuple[str, str]]:
+        """(render with the TTS template as a new session?, (close, open) turn markup) for the next prefilled
+        message; updates the state."""
         if not self.started:
             self.started = True
             if role in ("system", "assistant"):
                 self.new_user_msg = True
-            return True, ""
-        prefix = ""
+            return True, ("", "")
+        markup = ("", "")
         if self.new_user_msg and role == "user":
             if not self.generated:
-                prefix = user_turn_prefix("system")
+                markup = turn_markup("system")
             else:
-                prefix = user_turn_prefix("answer" if self.completed else "interrupt")
+                markup = turn_markup("answer" if self.completed else "interrupt")
             self.new_user_msg = False
         if role in ("system", "assistant"):
             self.new_user_msg = True
-        return False, prefix
+        return False, markup
 
     def on_generate(self) -> None:
         """An answer starts (upstream `streaming_generate`)."""
@@ -379,20 +463,25 @@ def build_streaming_prefill(
     `settings` should come from `PlaceholderSettings.streaming(cfg)`."""
     if msg.role not in ROLES:
         raise PromptError(f"role must be one of {ROLES}, got {msg.role!r}")
-    text, images, audios = message_text(msg, omni_input)
-    first, prefix = state.next_prefix(msg.role)
+    content = message_content(msg, omni_input)
+    first, (close, open_) = state.next_prefix(msg.role)
     if first:
-        text = tokenizer.apply_chat_template(
-            [{"role": msg.role, "content": text}],
-            tokenize=False,
-            add_generation_prompt=False,
-            chat_template=DEFAULT_TTS_CHAT_TEMPLATE,
-        )
-    else:
-        text = prefix + text
-    return tokenize_prompt(text, tokenizer, images, audios, [0] * len(audios), settings)
+        content = render_template(tokenizer, [(msg.role, content)], DEFAULT_TTS_CHAT_TEMPLATE, False)
+    prompt = tokenize_prompt([m for m in (close, open_) if m] + content, tokenizer, settings=settings)
+    prompt.close_tokens, prompt.open_tokens = _markup_counts(prompt.input_ids, close, open_, tokenizer)
+    return prompt
+
+
+def _markup_counts(ids: list[int], close: str, open_: str, tokenizer: PreTrainedTokenizerFast) -> tuple[int, int]:
+    """How many leading ids are the close and the open markup. The close markup always ends at a control token
+    boundary; the open markup's trailing newline may merge with typed text that starts with whitespace, and then
+    only its control token counts as open."""
+    n_close = len(encode_segments([close], tokenizer)) if close else 0
+    open_ids = encode_segments([open_], tokenizer) if open_ else []
+    n_open = len(open_ids) if ids[n_close : n_close + len(open_ids)] == open_ids else min(1, len(open_ids))
+    return n_close, n_open
 
 
 def assistant_prefix(tokenizer: PreTrainedTokenizerFast) -> Prompt:
     """The answer prefix `streaming_generate` appends; its spk bound marks the speaker hidden state."""
-    return tokenize_prompt(ASSISTANT_PREFIX, tokenizer)
+    return tokenize_prompt([ASSISTANT_PREFIX], tokenizer)

@@ -1,110 +1,190 @@
 """Ray Serve deployments `TTSDecoder` (ConditionalChatTTS, optionally with DVAE + Vocos) and `Vocoder` (DVAE +
 Vocos alone, for when the vocoder should scale apart from the TTS backbone).
 
-An utterance's state (TTS KV, code history, vocoder overlap) stays in the replica that started it: the gateway
-routes every call of an utterance by its id (session affinity). Chunks carry their 4-codebook codes beside the
-audio, so a client may ask for codes, audio or both.
+An utterance lives in the TTSDecoder replica that speaks it (session affinity on its id) from `Speak` to the end
+of its stream. Its text arrives by `PushText` and is spoken in order; every chunk streams out of `Speak` as soon
+as it is decoded. Chunks carry their 4-codebook codes beside the audio. With a separate `Vocoder` deployment the
+TTSDecoder calls it itself, from one task per utterance, so the TTS goes on generating the next chunk while the
+vocoder decodes the last one (the gateway never relays speech between them); codes-only utterances never reach
+a vocoder.
 
-Concurrent utterances on one replica share forward passes: every PushText/Finish goes through one `StepBatcher`,
-which advances all utterances with work by one chunk per `step_many` (their 25 generation steps batched). It also
-keeps all model and tokenizer use in one worker thread at a time (the fast tokenizer is not thread-safe).
+Concurrent utterances on one replica share forward passes: every text push goes through one `StepBatcher`,
+which advances all utterances with work by one chunk per batched step. The Vocoder batches the concurrent
+utterances' chunks (`serve.batch`) into one DVAE + Vocos pass.
+
+Utterances whose speaker went away (a gateway replica died mid-answer: nobody reads the stream or pushes text)
+are dropped by a sweep after `idle_timeout_s`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
+import torch
 from ray import serve
 
 from protos.minicpmo.v1 import tts_pb2
-from services.common.routing import SessionAffinityReplica, affinity_router_config
+from services.common.audio import SPEECH_SAMPLE_RATE
 from services.common.tensor_codec import from_proto, to_proto
-from services.gateway import metrics
-from services.gateway.stage import device_alive, limit_threads, off_loop, replica_dtype
+from services.runtime import metrics
+from services.runtime.replica import detached, device_alive, limit_threads, off_loop, replica_dtype
+from services.runtime.routing import SessionAffinityReplica
+from services.tts_decoder.streaming import SpeechChunk, StepBatcher
+from services.tts_decoder.streaming import TTSDecoder as SpeechDecoder
+from services.tts_decoder.vocoder import Vocoder as WaveDecoder
 
-SAMPLE_RATE = 24000
-
-
-class UtteranceNotFound(LookupError):
-    """The utterance was never started here, finished, or was evicted."""
-
-
-def _chunks_msg(chunks) -> tts_pb2.SpeechChunks:
-    out = tts_pb2.SpeechChunks()
-    for c in chunks:
-        msg = out.chunks.add(
-            codes=to_proto(c.codes), sample_rate=c.sample_rate or SAMPLE_RATE, text=c.text or "",
-            end_of_segment=c.end_of_segment,
-        )  # fmt: skip
-        if c.audio is not None:
-            import torch
-
-            msg.audio.CopyFrom(to_proto(torch.from_numpy(c.audio)))
-    return out
+log = logging.getLogger("ray.serve")
+_END = object()  # end of an utterance's text
 
 
-@serve.deployment(
-    name="TTSDecoder",
-    max_ongoing_requests=32,
-    ray_actor_options={"num_cpus": 0.5},
-    health_check_period_s=10,
-    request_router_config=affinity_router_config(),
-)
+@dataclass(eq=False)
+class _Utterance:
+    """One utterance on this replica: text in, chunks out, and the tasks between them."""
+
+    text: asyncio.Queue = field(default_factory=asyncio.Queue)  # str pieces, then _END
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # SpeechChunk messages, an exception, then None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    state: object | None = None  # the decoder's UtteranceState once Speak started it
+    active_at: float = field(default_factory=time.monotonic)
+
+
+def _chunk_msg(c: SpeechChunk, audio: torch.Tensor | None) -> tts_pb2.SpeechChunk:
+    msg = tts_pb2.SpeechChunk(codes=to_proto(c.codes), sample_rate=SPEECH_SAMPLE_RATE, text=c.text or "",
+                              end_of_segment=c.end_of_segment)  # fmt: skip
+    if audio is not None:
+        msg.audio.CopyFrom(to_proto(audio))
+    return msg
+
+
+@serve.deployment(name="TTSDecoder")
 class TTSDecoder(SessionAffinityReplica):
-    def __init__(self, model_dir: str, device: str = "cpu", with_vocoder: bool = True, max_utterances: int = 64):
-        from services.tts_decoder.streaming import StepBatcher
-        from services.tts_decoder.streaming import TTSDecoder as Decoder
-
+    def __init__(self, model_dir: str, device: str = "cpu", vocoder=None, idle_timeout_s: float = 60.0):
+        """`vocoder`: a handle of the Vocoder deployment, or None to run DVAE + Vocos in this replica."""
         limit_threads()
         self.device = device
-        self.decoder = Decoder(model_dir, device=device, dtype=replica_dtype(device), vocoder=with_vocoder)
+        self.decoder = SpeechDecoder(model_dir, device=device, dtype=replica_dtype(device), vocoder=vocoder is None)
         self.batcher = StepBatcher(self.decoder)
-        self.with_vocoder = with_vocoder
-        self.utterances: dict[str, tuple[Any, float]] = {}
-        self.max_utterances = max_utterances
+        self.vocoder = vocoder
+        self.idle_timeout_s = idle_timeout_s
+        self.utterances: dict[str, _Utterance] = {}
+        self._sweeper: asyncio.Task | None = None
 
-    def _state(self, utterance_id: str):
-        entry = self.utterances.get(utterance_id)
-        if entry is None:
-            raise UtteranceNotFound(f"utterance {utterance_id} is not active on this TTS replica")
-        self.utterances[utterance_id] = (entry[0], time.monotonic())
-        return entry[0]
+    def _utterance(self, utterance_id: str) -> _Utterance:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep())
+        u = self.utterances.setdefault(utterance_id, _Utterance())
+        u.active_at = time.monotonic()
+        return u
 
-    def _drop(self, utterance_id: str) -> bool:
-        entry = self.utterances.pop(utterance_id, None)
-        if entry is not None:
-            self.batcher.forget(entry[0])
-        return entry is not None
-
-    async def Start(self, request: tts_pb2.StartUtteranceRequest) -> tts_pb2.StartUtteranceResponse:
-        if len(self.utterances) >= self.max_utterances:  # drop the stalest (an abandoned stream)
-            self._drop(min(self.utterances, key=lambda k: self.utterances[k][1]))
-        # Only the speaker projection runs here (no tokenizer), so it need not wait for the batcher's worker.
-        state = await off_loop(
-            self.decoder.start,
-            from_proto(request.spk_hidden).float(),
-            greedy=request.greedy,
-            seed=request.seed if request.HasField("seed") else None,
-        )
-        self.utterances[request.utterance_id] = (state, time.monotonic())
-        return tts_pb2.StartUtteranceResponse()
-
-    async def PushText(self, request: tts_pb2.PushTextRequest) -> tts_pb2.SpeechChunks:
-        state = self._state(request.utterance_id)
-        with metrics.stage_timer("tts_push"):
-            return _chunks_msg(await self.batcher.push_text(state, request.text))
-
-    async def Finish(self, request: tts_pb2.UtteranceRef) -> tts_pb2.SpeechChunks:
-        state = self._state(request.utterance_id)
+    async def Speak(self, request: tts_pb2.StartUtteranceRequest) -> AsyncIterator[tts_pb2.SpeechChunk]:
+        uid = request.utterance_id
+        u = self._utterance(uid)
+        seed = request.seed if request.HasField("seed") else None
         try:
-            with metrics.stage_timer("tts_finish"):
-                return _chunks_msg(await self.batcher.finish(state))
+            # Only the speaker projection runs here (no tokenizer), so it need not wait for the batcher's worker.
+            u.state = await off_loop(self.decoder.start, from_proto(request.spk_hidden).float(), request.greedy, seed)
+            to_vocode: asyncio.Queue = asyncio.Queue()
+            remote_audio = self.vocoder is not None and request.with_audio
+            u.tasks.append(asyncio.create_task(self._generate(u, to_vocode if remote_audio else u.out, request.with_audio)))
+            if remote_audio:
+                u.tasks.append(asyncio.create_task(self._vocode(uid, to_vocode, u.out)))
+            while (item := await u.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                u.active_at = time.monotonic()
+                yield item
         finally:
-            self.utterances.pop(request.utterance_id, None)
+            self._end(uid)
+
+    async def PushText(self, request: tts_pb2.PushTextRequest) -> tts_pb2.PushTextReply:
+        self._utterance(request.utterance_id).text.put_nowait(request.text)
+        return tts_pb2.PushTextReply()
+
+    async def Finish(self, request: tts_pb2.UtteranceRef) -> tts_pb2.PushTextReply:
+        self._utterance(request.utterance_id).text.put_nowait(_END)
+        return tts_pb2.PushTextReply()
 
     async def Cancel(self, request: tts_pb2.UtteranceRef) -> tts_pb2.CancelReply:
-        return tts_pb2.CancelReply(cancelled=self._drop(request.utterance_id))
+        u = self.utterances.get(request.utterance_id)
+        if u is not None:
+            u.out.put_nowait(None)  # the Speak stream ends; its `finally` frees the utterance
+        return tts_pb2.CancelReply(cancelled=u is not None)
+
+    async def _generate(self, u: _Utterance, sink: asyncio.Queue, with_audio: bool) -> None:
+        """Text in order -> batched TTS steps -> chunks (with inline audio when this replica vocodes)."""
+        try:
+            ended = False
+            spoken = False
+            while not ended:
+                parts = [await u.text.get()]
+                while not u.text.empty():  # coalesce what arrived while the TTS was busy
+                    parts.append(u.text.get_nowait())
+                ended = parts[-1] is _END
+                text = "".join(p for p in parts if p is not _END)
+                chunks: list[SpeechChunk] = []
+                if text:
+                    spoken = True
+                    with metrics.stage_timer("tts_push"):
+                        chunks += await self.batcher.push_text(u.state, text)
+                if ended and spoken:
+                    with metrics.stage_timer("tts_finish"):
+                        chunks += await self.batcher.finish(u.state)
+                for i, c in enumerate(chunks):
+                    last = ended and i == len(chunks) - 1
+                    if sink is u.out:
+                        audio = torch.from_numpy(c.audio) if with_audio and c.audio is not None else None
+                        sink.put_nowait(_chunk_msg(c, audio))
+                    else:
+                        sink.put_nowait((c, last))
+                if ended and sink is not u.out:
+                    sink.put_nowait(None)
+            if sink is u.out:
+                sink.put_nowait(None)
+        except Exception as e:  # ends the Speak stream with this error
+            u.out.put_nowait(e)
+
+    async def _vocode(self, uid: str, chunks: asyncio.Queue, out: asyncio.Queue) -> None:
+        """The Vocoder deployment decodes this utterance's chunks, one at a time and in order, while the TTS
+        goes on; its stream is released once the last chunk (or a cancel) is through."""
+        vocoder = self.vocoder.options(session_id=uid)
+        ref = tts_pb2.UtteranceRef(utterance_id=uid)
+        try:
+            while (item := await chunks.get()) is not None:
+                c, last = item
+                req = tts_pb2.DecodeRequest(utterance_id=uid, codes=to_proto(c.codes), last=last,
+                                            end_of_segment=c.end_of_segment)  # fmt: skip
+                with metrics.stage_timer("vocoder_call"):
+                    dec = await detached(vocoder.Decode.remote, req)
+                out.put_nowait(_chunk_msg(c, from_proto(dec.audio)))
+            out.put_nowait(None)
+        except Exception as e:  # ends the Speak stream with this error
+            out.put_nowait(e)
+        finally:
+            asyncio.get_running_loop().create_task(_release(vocoder, ref))
+
+    def _end(self, utterance_id: str) -> None:
+        u = self.utterances.pop(utterance_id, None)
+        if u is None:
+            return
+        for t in u.tasks:
+            t.cancel()
+        if u.state is not None:
+            self.batcher.forget(u.state)
+
+    async def _sweep(self) -> None:
+        """Drop utterances nobody reads or feeds any more (their gateway went away mid-answer)."""
+        while True:
+            await asyncio.sleep(self.idle_timeout_s / 4)
+            now = time.monotonic()
+            for uid, u in list(self.utterances.items()):
+                if now - u.active_at > self.idle_timeout_s:
+                    log.info("dropping idle utterance %s", uid)
+                    u.out.put_nowait(None)
+                    self._end(uid)
 
     def Stats(self, reset_peak: bool = False) -> dict[str, int]:
         """Operator view (Python handle call, not part of the gRPC contract): active utterances and the most
@@ -118,56 +198,60 @@ class TTSDecoder(SessionAffinityReplica):
         device_alive(self.device)
 
 
-@serve.deployment(
-    name="Vocoder",
-    max_ongoing_requests=32,
-    ray_actor_options={"num_cpus": 0.25},
-    health_check_period_s=10,
-    request_router_config=affinity_router_config(),
-)
-class Vocoder(SessionAffinityReplica):
-    def __init__(self, model_dir: str, device: str = "cpu", max_streams: int = 64):
-        from services.tts_decoder.vocoder import Vocoder as Voc
+async def _release(vocoder, ref: tts_pb2.UtteranceRef) -> None:
+    try:
+        await asyncio.wait_for(detached(vocoder.Release.remote, ref), 3.0)
+    except Exception:  # the Vocoder's idle sweep frees the stream anyway
+        pass
 
+
+@serve.deployment(name="Vocoder")
+class Vocoder(SessionAffinityReplica):
+    def __init__(self, model_dir: str, device: str = "cpu", idle_timeout_s: float = 60.0):
         limit_threads()
         self.device = device
-        self.vocoder = Voc(model_dir, device=device, dtype=replica_dtype(device))
-        self.streams: dict[str, tuple[Any, float]] = {}
-        self.max_streams = max_streams
-        # Released utterance ids (unique per answer): a Decode that was in flight when the gateway released the
-        # utterance may arrive after the Release and must not open a new stream. Oldest forgotten first.
-        self.released: dict[str, None] = {}
+        self.vocoder = WaveDecoder(model_dir, device=device, dtype=replica_dtype(device))
+        self.idle_timeout_s = idle_timeout_s
+        self.streams: dict[str, tuple[object, float]] = {}  # utterance id -> (VocoderStream, last used)
+        self._sweeper: asyncio.Task | None = None
 
     async def Decode(self, request: tts_pb2.DecodeRequest) -> tts_pb2.DecodeResponse:
-        import torch
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep())
+        with metrics.stage_timer("vocoder"):
+            audio = await self._decode_batched(request)
+        return tts_pb2.DecodeResponse(audio=to_proto(audio), sample_rate=SPEECH_SAMPLE_RATE)
 
-        uid = request.utterance_id
-        if uid in self.released:
-            return tts_pb2.DecodeResponse(audio=to_proto(torch.empty(0)), sample_rate=SAMPLE_RATE)  # no audio
-        entry = self.streams.get(uid)
-        if entry is None:
-            if len(self.streams) >= self.max_streams:
-                del self.streams[min(self.streams, key=lambda k: self.streams[k][1])]
-            entry = (self.vocoder.new_stream(), time.monotonic())
-        self.streams[uid] = (entry[0], time.monotonic())
-        codes = from_proto(request.codes)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _decode_batched(self, requests: list[tts_pb2.DecodeRequest]) -> list[torch.Tensor]:
+        """One DVAE + Vocos pass for the chunks of concurrent utterances (one chunk per utterance in flight)."""
+        now = time.monotonic()
+        streams = []
+        for r in requests:
+            stream = self.streams.get(r.utterance_id, (None, 0.0))[0] or self.vocoder.new_stream()
+            self.streams[r.utterance_id] = (stream, now)
+            streams.append(stream)
         # A segment end flushes the held tail but keeps the stream: the next segment's first chunk is decoded
         # with the last 4 codes before it. Only the utterance's end frees it.
-        flush = request.end_of_segment or request.last
+        flush = [r.end_of_segment or r.last for r in requests]
         try:
-            with metrics.stage_timer("vocoder"):
-                audio = await off_loop(self.vocoder.push, entry[0], codes, flush=flush)
+            audio = await off_loop(self.vocoder.push_many, streams, [from_proto(r.codes) for r in requests], flush)
         finally:
-            if request.last:
-                self.streams.pop(uid, None)
-        audio = torch.as_tensor(audio, dtype=torch.float32).reshape(-1)
-        return tts_pb2.DecodeResponse(audio=to_proto(audio), sample_rate=SAMPLE_RATE)
+            for r in requests:
+                if r.last:
+                    self.streams.pop(r.utterance_id, None)
+        return [torch.as_tensor(a, dtype=torch.float32).reshape(-1) for a in audio]
 
     async def Release(self, request: tts_pb2.UtteranceRef) -> tts_pb2.CancelReply:
-        self.released[request.utterance_id] = None
-        while len(self.released) > 16 * self.max_streams:
-            del self.released[next(iter(self.released))]
         return tts_pb2.CancelReply(cancelled=self.streams.pop(request.utterance_id, None) is not None)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.idle_timeout_s / 4)
+            now = time.monotonic()
+            for uid, (_, used) in list(self.streams.items()):
+                if now - used > self.idle_timeout_s:
+                    self.streams.pop(uid, None)
 
     def Stats(self) -> dict[str, int]:
         """Operator view (Python handle call, not part of the gRPC contract)."""

@@ -1,4 +1,4 @@
-"""`minicpmo bench vision`: images/s and per-image latency of `VisionEncoder.encode`, batched vs one at a time.
+"""`minicpmo bench vision`: images/s and per-image latency of `ImageEmbedder.encode`, batched vs one at a time.
 
 Workload: 640x480 JPEG frames with max_slice_nums=1, i.e. one ~448² slice per image (1024 patches), the live
 video case where frames of many sessions arrive together. For N in 1, 4, 16 images: "batched" is one `encode`
@@ -11,7 +11,7 @@ included in the times.
 - cpu_ms_per_image: process CPU time per image (all threads).
 - speedup: batched images/s over one-at-a-time images/s at the same N.
 
-Threads: like a deployed replica (`services.gateway.stage.limit_threads`: one intra-op thread unless
+Threads: like a deployed replica (`services.runtime.replica.limit_threads`: one intra-op thread unless
 `MINICPMO_TORCH_THREADS` says otherwise). On this shared, oversubscribed 2-core machine two OpenMP threads made a
 single-slice call up to 10x slower than a 16-slice one per slice (each op waits at a barrier for a descheduled
 thread): noise about the machine, not the encoder.
@@ -24,45 +24,32 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from services.common.config import small_config
-from services.gateway.stage import limit_threads
-from services.vision_encoder.encoder import VisionEncoder
-from services.vision_encoder.model import build_vision_model
-from services.vision_encoder.processor import ImageProcessorConfig
 from services.common.bench import timed
+from services.common.bench_checkpoints import tiny_checkpoint
+from services.common.config import small_config
+from services.common.image_layout import ImageProcessorConfig
+from services.runtime.replica import limit_threads
+from services.vision_encoder.encoder import ImageEmbedder
+from services.vision_encoder.model import build_vision_model
 
 IMAGE_COUNTS = (1, 4, 16)
 FRAME_WH = (640, 480)
 MAX_SLICE_NUMS = 1
 
 
-def tiny_checkpoint_dir() -> Path:
-    golden = Path(os.environ.get("GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
-    if (golden / "checkpoint" / "config.json").is_file():
-        return golden / "checkpoint"
-    from services.common.tiny_checkpoint import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="minicpmo-tiny-")))
-
-
-def build_encoder(config: str, device: str, dtype: torch.dtype) -> VisionEncoder:
+def build_encoder(config: str, device: str, dtype: torch.dtype) -> ImageEmbedder:
     if config == "tiny":
-        return VisionEncoder(tiny_checkpoint_dir(), device=device, dtype=dtype)
+        return ImageEmbedder.from_checkpoint(tiny_checkpoint(), device=device, dtype=dtype)
     if config == "small":
         cfg = small_config()
         torch.manual_seed(0)
         model = build_vision_model(cfg, device=device, dtype=dtype)
-        return VisionEncoder.from_model(
-            model, ImageProcessorConfig.from_model_config(cfg), cfg.vision_batch_size, device, dtype
-        )
+        return ImageEmbedder(model, ImageProcessorConfig.from_model_config(cfg), cfg.vision_batch_size)
     raise ValueError(f"unknown bench config {config!r}; use tiny or small")
 
 

@@ -1,4 +1,4 @@
-"""`VisionEncoder`: images in, per-image slice layout + `query_num` LLM-width embeddings per slice out.
+"""`ImageEmbedder`: images in, per-image slice layout + `query_num` LLM-width embeddings per slice out.
 
 Slices of all images in a call run through the model together, `batch_size` at a time (upstream runs `vpm` in
 batches of `vision_batch_size`), each batch zero-padded to its longest slice. Results per slice do not depend on
@@ -16,15 +16,8 @@ from PIL import Image
 
 from services.common.config import ModelConfig
 from services.vision_encoder.model import VisionModel, load_vision_model
-from services.vision_encoder.processor import (
-    DEFAULT_MAX_PIXELS,
-    ImageProcessorConfig,
-    PreprocessedImage,
-    SliceLayout,
-    image_placeholder,
-    load_image,
-    preprocess,
-)
+from services.common.image_layout import DEFAULT_MAX_PIXELS, ImageProcessorConfig, SliceLayout, image_placeholder
+from services.vision_encoder.processor import PreprocessedImage, load_image, preprocess
 
 
 @dataclass
@@ -49,11 +42,22 @@ def collate_slices(
     return torch.from_numpy(batch), torch.from_numpy(np.asarray(np.vstack(tgt_sizes), dtype=np.int64))
 
 
-class VisionEncoder:
-    """Loads `vpm.` + `resampler.` only; `encode` takes encoded image files or PIL images, any number per call."""
+class ImageEmbedder:
+    """SigLIP + resampler + the image processor settings: encoded images in, LLM-width embeddings out."""
 
-    def __init__(
-        self,
+    def __init__(self, model: VisionModel, processor_cfg: ImageProcessorConfig, batch_size: int):
+        """`batch_size`: slices per forward (upstream `vision_batch_size`, 16)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model = model
+        self.processor_cfg = processor_cfg
+        self.batch_size = batch_size
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    @classmethod
+    def from_checkpoint(
+        cls,
         model_dir: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -61,31 +65,11 @@ class VisionEncoder:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         attn_implementation: str = "sdpa",
         progress: bool = False,
-    ):
-        """`batch_size` slices per forward; None takes `vision_batch_size` from config.json (upstream: 16)."""
-        model_cfg = ModelConfig.from_model_dir(model_dir)
+    ) -> ImageEmbedder:
+        """Loads `vpm.` + `resampler.` only; `batch_size` None takes `vision_batch_size` from config.json."""
         model = load_vision_model(model_dir, device, dtype, attn_implementation, progress)
         processor_cfg = ImageProcessorConfig.from_model_dir(model_dir, max_pixels=max_pixels)
-        self._setup(model, processor_cfg, batch_size or model_cfg.vision_batch_size, device, dtype)
-
-    @classmethod
-    def from_model(
-        cls, model: VisionModel, processor_cfg: ImageProcessorConfig, batch_size: int,
-        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    ) -> "VisionEncoder":
-        """Wrap an already built model (e.g. random weights at `small_config()` for benchmarks)."""
-        encoder = cls.__new__(cls)
-        encoder._setup(model, processor_cfg, batch_size, device, dtype)
-        return encoder
-
-    def _setup(self, model: VisionModel, processor_cfg: ImageProcessorConfig, batch_size: int, device, dtype) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model = model
-        self.processor_cfg = processor_cfg
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.dtype = dtype
+        return cls(model, processor_cfg, batch_size or ModelConfig.from_model_dir(model_dir).vision_batch_size)
 
     def preprocess(
         self, images: list[Image.Image | bytes], max_slice_nums: int | None = None

@@ -15,14 +15,16 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.build_app import build_app
 from ray.serve.schema import ServeDeploySchema
 
+from services.app.args import AppArgs, DeploymentSpec
+from services.app.builder import GRPC_SERVICER_FUNCTIONS
 from services.common.checkpoint_layout import official_shapes, service_of
 from services.common.config import real_config
 from tests.deploy.kustomize import render
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {p.stem: p for p in sorted((ROOT / "deploy").glob("*.yaml"))}
-# The application builder's arguments (CONTRACTS.md); environment-specific values come from the environment.
-BUILDER_ARGS = {"model_dir", "redis_url", "api_keys", "device", "separate_vocoder", "limits", "deployments"}
+# Environment-specific values come from the environment, never from a config.
+ENVIRONMENT_ARGS = {"api_keys", "redis_url"}
 PIPELINE = {"Gateway", "VisionEncoder", "AudioEncoder", "LLMCore", "TTSDecoder"}
 GPU_GB = 80e9
 CONTEXT_AND_SLACK_BYTES = 3e9  # CUDA context + caching-allocator fragmentation per GPU process
@@ -63,16 +65,22 @@ def test_valid_serve_schema(config_name):
 
 def test_grpc_servicer_functions_exist(config_name):
     functions = _load(config_name)["grpc_options"]["grpc_servicer_functions"]
-    assert "protos.minicpmo.v1.omni_pb2_grpc.add_MiniCPMOServicer_to_server" in functions
+    assert functions == GRPC_SERVICER_FUNCTIONS
     for path in functions:
         assert callable(_import(path)), path
 
 
 def test_builder_arguments_are_known(config_name):
-    args = _app(_load(config_name))["args"]
-    assert set(args) <= BUILDER_ARGS, f"unknown builder args {sorted(set(args) - BUILDER_ARGS)}"
-    assert args["device"] in ("cpu", "cuda")
-    assert not {"api_keys", "redis_url"} & set(args), "secrets and endpoints come from the environment"
+    args = AppArgs.model_validate(_app(_load(config_name))["args"])  # the typed schema refuses unknown ones
+    assert args.device in ("cpu", "cuda")
+    assert not ENVIRONMENT_ARGS & args.model_fields_set, "secrets and endpoints come from the environment"
+
+
+def test_serve_overrides_are_deployment_options_of_the_schema(config_name):
+    """What a config's `deployments:` list sets over the app's defaults is an option the schema knows, so the
+    defaults (services.app.args.DEFAULTS) and the configs describe the same knobs."""
+    for name, override in _deployments(_load(config_name)).items():
+        DeploymentSpec.model_validate({k: v for k, v in override.items() if k != "name"})
 
 
 @pytest.fixture
@@ -82,7 +90,7 @@ def built(config_name, monkeypatch, golden):
     monkeypatch.setenv("MINICPMO_REDIS_URL", "redis://127.0.0.1:6379/0")
     monkeypatch.setenv("MINICPMO_API_KEYS", "test-key")
     app_config = _app(_load(config_name))
-    builder = _import(app_config["import_path"])  # fails clearly if services.gateway.app is missing or broken
+    builder = _import(app_config["import_path"])  # fails clearly if the builder is missing or broken
     app = call_user_app_builder_with_args_if_necessary(builder, app_config["args"])
     return build_app(app, name=app_config["name"])
 

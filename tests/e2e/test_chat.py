@@ -49,13 +49,13 @@ def test_text_chat_streams_deltas_and_final(client):
 
 def in_process_greedy(model_dir: str, messages: list[Message], images: list[bytes], clips: list[np.ndarray], n: int):
     """The same chat run in this process with the components alone (no Ray, no gRPC): upstream `chat` greedy."""
-    from services.audio_encoder.encoder import AudioEncoder
+    from services.audio_encoder.encoder import AudioEmbedder
     from services.gateway.tokenizer import SpecialTokens, load_tokenizer
     from services.llm_core.generate import generate_solo
     from services.llm_core.model import load_llm_model
     from services.common.generation import GREEDY
-    from services.vision_encoder.encoder import VisionEncoder
-    from services.vision_encoder.processor import ImageProcessorConfig
+    from services.vision_encoder.encoder import ImageEmbedder
+    from services.common.image_layout import ImageProcessorConfig
 
     tok = load_tokenizer(model_dir)
     sp = SpecialTokens.from_tokenizer(tok)
@@ -64,10 +64,10 @@ def in_process_greedy(model_dir: str, messages: list[Message], images: list[byte
     model = load_llm_model(model_dir)
     pieces = []
     if images:
-        rows = torch.cat([e.embeddings for e in VisionEncoder(model_dir).encode(images)])
+        rows = torch.cat([e.embeddings for e in ImageEmbedder.from_checkpoint(model_dir).encode(images)])
         pieces += _spread(prompt.image_bounds, rows)
     if clips:
-        rows = torch.cat(AudioEncoder(model_dir).encode(clips))
+        rows = torch.cat(AudioEmbedder.from_checkpoint(model_dir).encode(clips))
         pieces += _spread(prompt.audio_bounds, rows)
     embeds = model.embed(torch.tensor(prompt.input_ids), pieces)
     return generate_solo(model, embeds, GREEDY.with_(max_new_tokens=n), [sp.im_end, sp.endoftext]).ids

@@ -1,30 +1,30 @@
-"""Replica loss: killing the LLMCore replica that owns a session's KV, then continuing the session, gives the
-same greedy continuation as a session that was never interrupted (rebuilt from the Redis replay log).
+"""Replica loss: killing the replica that owns a session's state (LLM KV, streaming Whisper state), then
+continuing the session, gives the same greedy continuation as a session that was never interrupted (the new
+owner rebuilds it from the Redis replay log).
 
 Retries are idempotent: a stage replica that logged a request and died before replying leaves the session
-holding that request while its caller saw a failure; the caller (the gateway) sends the same request again."""
+holding that request while its caller saw a failure; the caller sends the same request again. The live-session
+driver itself is run here (in this process, over the deployments' real handles) with stage calls that lose
+their replies on purpose, so the retry path is the production one."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 
 import pytest
 import ray
-import torch
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from protos.minicpmo.v1 import audio_pb2, llm_pb2
-from services.common.tensor_codec import from_proto, to_proto
-from services.gateway.live import prompt_state
-from services.gateway.pipeline import Limits, prefill_input, sampling_msg, sampling_params
-from services.gateway.prompts import AudioRef, Message, PlaceholderSettings, assistant_prefix, build_streaming_prefill
-from services.gateway.sessions import SessionStore
-from services.gateway.tokenizer import load_tokenizer
-from services.common.generation import STREAMING_DEFAULTS
-from services.vision_encoder.processor import ImageProcessorConfig
+from protos.minicpmo.v1 import omni_pb2, tensor_pb2
+from services.gateway.context import GatewayContext
+from services.gateway.live import LiveSessions
+from services.gateway.requests import Limits
+from services.gateway.sessions import SessionRecords
+from services.gateway.stages import RayStages
+from services.client.sdk import audio_msg
+from services.gateway.auth import key_hash
+from services.runtime.ownership import OwnershipStore
 from tests.e2e.conftest import APP_NAME
 from tests.e2e.media import image_bytes, wav
 from tests.e2e.test_sessions import feed_units, greedy
@@ -43,23 +43,16 @@ def kill_all(deployment: str) -> None:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
 
-def with_store(redis_url: str, use):
-    async def run():
-        store = SessionStore.from_url(redis_url)
+def lease_epoch(redis_url: str, sid: str, role: str = "llm") -> int:
+    async def get() -> int:
+        store = OwnershipStore.from_url(redis_url)
         try:
-            return await use(store)
+            fence = await store.lease(sid, role)
+            return fence.epoch if fence else 0
         finally:
             await store.aclose()
 
-    return asyncio.run(run())
-
-
-def lease_epoch(redis_url: str, sid: str, role: str = "llm") -> int:
-    async def get(store) -> int:
-        fence = await store.lease(sid, role)
-        return fence.epoch if fence else 0
-
-    return with_store(redis_url, get)
+    return asyncio.run(get())
 
 
 def conversation(client, golden, on_middle=None) -> tuple[str, list[int], list[int]]:
@@ -76,131 +69,95 @@ def conversation(client, golden, on_middle=None) -> tuple[str, list[int], list[i
     return sid, first, second
 
 
-def test_killed_llm_owner_continues_identically(served, client, golden):
+@pytest.mark.parametrize("deployment, role", [("LLMCore", "llm"), ("AudioEncoder", "audio")])
+def test_killed_owner_continues_identically(served, client, golden, deployment, role):
     ref_sid, ref_first, ref_second = conversation(client, golden)
     client.close_session(ref_sid)
     epochs = {}
 
     def kill_owner(sid: str) -> None:
-        epochs["before"] = lease_epoch(served.redis_url, sid)
-        kill_all("LLMCore")
-
-    sid, first, second = conversation(client, golden, on_middle=kill_owner)
-    assert first == ref_first
-    assert second == ref_second
-    assert lease_epoch(served.redis_url, sid) > epochs["before"]  # a new replica took the session over
-    client.close_session(sid)
-
-
-def test_killed_audio_owner_continues_identically(served, client, golden):
-    """The streaming Whisper state is rebuilt from the logged chunks: later units encode as if nothing happened."""
-    ref_sid, ref_first, ref_second = conversation(client, golden)
-    client.close_session(ref_sid)
-    epochs = {}
-
-    def kill_owner(sid: str) -> None:
-        epochs["before"] = lease_epoch(served.redis_url, sid, "audio")
-        kill_all("AudioEncoder")
+        epochs["before"] = lease_epoch(served.redis_url, sid, role)
+        kill_all(deployment)
 
     sid, first, second = conversation(client, golden, on_middle=kill_owner)
     assert (first, second) == (ref_first, ref_second)
-    assert lease_epoch(served.redis_url, sid, "audio") > epochs["before"]
+    assert lease_epoch(served.redis_url, sid, role) > epochs["before"]  # a new replica took the session over
     client.close_session(sid)
 
 
-def lose_reply(served, deployment: str, sid: str) -> None:
-    """Kill the replica that just served `sid` (it logged and applied the request; its reply counts as lost) and
-    wait for its replacement, keeping the session from idling out meanwhile (the e2e TTL is seconds)."""
-    old = set(replicas(deployment))
-    kill_all(deployment)
-    while not set(replicas(deployment)) - old:
-        with_store(served.redis_url, lambda store: store.touch(sid))
-        time.sleep(0.2)
+class LosingReplies(RayStages):
+    """The deployments' stage calls, except that while `losing`, every prefill's replies are lost once: after
+    its audio chunk was encoded (and logged) the AudioEncoder replica is killed and the chunk is sent again, and
+    after the prefill was applied (and logged) the LLMCore replica is killed and the prefill is sent again, as
+    the gateway's retries would. Each repeat must be answered as the first time, not applied twice."""
+
+    def __init__(self, handles):
+        super().__init__(*handles)
+        self.losing = False
+        self.repeats: list[tuple[str, bool]] = []
+
+    async def _lose(self, deployment: str) -> None:
+        old = set(replicas(deployment))
+        kill_all(deployment)
+        while not set(replicas(deployment)) - old:
+            await asyncio.sleep(0.2)  # polling for the replacement replica
+
+    async def prefill(self, request, pieces):
+        if not self.losing:
+            return await super().prefill(request, pieces)
+        first = [await p.response for p in pieces]
+        if any(e.modality == tensor_pb2.Embeddings.MODALITY_AUDIO for e in first):
+            await self._lose("AudioEncoder")
+            again = [await p.again() for p in pieces]
+            self.repeats.append(("chunk", [e.SerializeToString() for e in first] == [e.SerializeToString() for e in again]))
+        reply = await super().prefill(request, pieces)
+        await self._lose("LLMCore")
+        repeat = await super().prefill(request, pieces)
+        self.repeats.append(("prefill", repeat.kv_len == reply.kv_len))
+        return reply
 
 
-def stage(deployment: str, sid: str):
-    return serve.get_deployment_handle(deployment, APP_NAME).options(session_id=sid)
-
-
-def call(deployment: str, sid: str, method: str, request, *args):
-    """A stage call retried as the gateway retries it (same request) while the session's owner is replaced."""
-    for _ in range(120):
-        try:
-            return getattr(stage(deployment, sid), method).remote(request, *args).result()
-        except (ActorDiedError, ActorUnavailableError):
-            time.sleep(0.25)
-    raise TimeoutError(f"{deployment}.{method} of {sid} kept failing")
-
-
-def answer_tokens(sid: str, gen: llm_pb2.GenerateRequest) -> tuple[list[int], int]:
-    for _ in range(120):
-        try:
-            events = list(stage("LLMCore", sid).Generate.options(stream=True).remote(gen))
-            return [t for ev in events for t in ev.token_ids], events[-1].stop
-        except (ActorDiedError, ActorUnavailableError):
-            time.sleep(0.25)
-    raise TimeoutError(f"LLMCore.Generate of {sid} kept failing")
-
-
-def stage_turn(served, golden, sid: str, lose_replies: bool) -> list[int]:
-    """One audio unit and one answer sent to the stages exactly as the gateway sends them. With `lose_replies`,
-    the replica that served each request is killed after it logged and applied it (its reply "lost"), and the
-    request is sent again, as the gateway's retry does: each must be answered as before, not applied twice."""
-    tok = load_tokenizer(served.model_dir)
-    settings = PlaceholderSettings.streaming(ImageProcessorConfig.from_model_dir(served.model_dir))
-    pcm = wav(golden, "unit_audio_2s.wav")[:16000]
-    chunk = audio_pb2.EncodeChunkRequest(session_id=sid, pcm=to_proto(torch.from_numpy(pcm)), request_id=f"c-{sid}")
-    encoded = call("AudioEncoder", sid, "EncodeChunk", chunk)
-    if lose_replies:
-        lose_reply(served, "AudioEncoder", sid)
-        again = call("AudioEncoder", sid, "EncodeChunk", chunk)
-        assert torch.equal(from_proto(again.embeddings), from_proto(encoded.embeddings))
-
-    prev = with_store(served.redis_url, lambda store: store.set_turn(sid, "user_turn"))
-    unit = build_streaming_prefill(Message("user", ["<unit>", AudioRef(len(pcm))]), prompt_state(prev), tok, settings=settings)
-    prefill = llm_pb2.PrefillRequest(session_id=sid, input=prefill_input(unit), log=True, request_id=f"u-{sid}")
-    kv_len = call("LLMCore", sid, "Prefill", prefill, encoded).kv_len
-    if lose_replies:
-        lose_reply(served, "LLMCore", sid)
-        assert call("LLMCore", sid, "Prefill", prefill, encoded).kv_len == kv_len
-
-    with_store(served.redis_url, lambda store: store.set_turn(sid, "answering"))
-    params = sampling_params(greedy(8), STREAMING_DEFAULTS, Limits())
-    gen = llm_pb2.GenerateRequest(
-        session_id=sid, input=prefill_input(assistant_prefix(tok)), sampling=sampling_msg(params), spk_position=-1,
-        log=True, request_id=f"g-{sid}",
-    )  # fmt: skip
-    tokens, stop = answer_tokens(sid, gen)
-    if lose_replies:
-        lose_reply(served, "LLMCore", sid)
-        assert answer_tokens(sid, gen) == (tokens, stop)  # streamed again from the log, not answered twice
-    done = "answered" if stop == llm_pb2.STOP_REASON_EOS else "interrupted"
-    with_store(served.redis_url, lambda store: store.set_turn(sid, done))
-    return tokens
-
-
-def retried_conversation(served, client, golden, lose_replies: bool):
+async def driven_conversation(served, golden, losing: bool) -> tuple[str, list[list[int]], list, list]:
+    """The driver in this process: units, an answer, more units and text, an answer."""
+    handles = [serve.get_deployment_handle(name, APP_NAME) for name in ("VisionEncoder", "AudioEncoder", "LLMCore", "TTSDecoder")]
+    stages = LosingReplies(handles)
+    ctx = GatewayContext.from_model_dir(served.model_dir, stages, Limits(session_idle_ttl_s=served.idle_ttl_s))
+    records = SessionRecords.from_url(served.redis_url, ttl_s=served.idle_ttl_s)
+    live = LiveSessions(ctx, records)
+    caller = key_hash(served.keys[0])
     pcm = wav(golden, "unit_audio_2s.wav")
-    frames = [image_bytes(golden, "image_unit0.png"), image_bytes(golden, "image_unit1.png")]
-    sid = client.create_session().session_id
-    feed_units(client, sid, pcm, frames)
-    first = client.respond(sid, greedy(6)).token_ids
-    middle = stage_turn(served, golden, sid, lose_replies)
-    client.append(sid, text="Go on.")
-    last = client.respond(sid, greedy(10)).token_ids
-    log = with_store(served.redis_url, lambda store: store.replay(sid))
-    return sid, (first, middle, last), log
+    frame = image_bytes(golden, "image_unit0.png")
+
+    async def answer(n: int) -> list[int]:
+        events = [e async for e in live.respond(caller, omni_pb2.RespondRequest(session_id=sid, options=greedy(n)))]
+        return list(events[-1].final.token_ids)
+
+    try:
+        sid = (await live.create(caller, omni_pb2.CreateSessionRequest())).session_id
+        await live.append(caller, omni_pb2.AppendUnitRequest(session_id=sid, audio=audio_msg(pcm[:16000]),
+                                                             frames=[omni_pb2.Image(data=frame)]))  # fmt: skip
+        first = await answer(6)
+        stages.losing = losing  # from here on every prefill's reply is lost once
+        await live.append(caller, omni_pb2.AppendUnitRequest(session_id=sid, audio=audio_msg(pcm[16000:]), text="Go on."))
+        stages.losing = False
+        second = await answer(10)
+        store = OwnershipStore.from_url(served.redis_url)
+        log = await store.log(sid, "llm")
+        await store.aclose()
+        await live.close(caller, sid)
+        return sid, [first, second], log, stages.repeats
+    finally:
+        await records.aclose()
 
 
-def test_retry_after_lost_reply_is_applied_once(served, client, golden):
-    """The "logged but not replied" window, forced: same greedy continuation as an uninterrupted session, and
-    the replay log holds every request once."""
-    ref_sid, ref_answers, ref_log = retried_conversation(served, client, golden, lose_replies=False)
-    client.close_session(ref_sid)
-    sid, answers, log = retried_conversation(served, client, golden, lose_replies=True)
-    assert answers == ref_answers
-    assert [(e.kind, e.n_tokens) for e in log] == [(e.kind, e.n_tokens) for e in ref_log]
-    ids = Counter(e.meta.get("request_id") for e in log)
-    assert all(ids[rid] == 1 for rid in (f"c-{sid}", f"u-{sid}", f"g-{sid}"))
-    assert all(n == 1 for rid, n in ids.items() if rid)  # the gateway's own requests too
-    client.close_session(sid)
+def test_retry_after_lost_reply_is_applied_once(served, golden):
+    """The "logged but not replied" window, forced on every prefill of a turn: the retry is answered from the
+    new owner's rebuilt state (same KV length), the conversation continues identically, and the replay log holds
+    every request once."""
+    _, reference, ref_log, _ = asyncio.run(driven_conversation(served, golden, losing=False))
+    _, answers, log, repeats = asyncio.run(driven_conversation(served, golden, losing=True))
+    assert answers == reference
+    assert {kind for kind, _ in repeats} == {"chunk", "prefill"} and all(same for _, same in repeats), repeats
+    assert [e.llm_tokens for e in log] == [e.llm_tokens for e in ref_log]
+    ids = Counter(e.request_id for e in log)
+    assert all(n == 1 for n in ids.values())

@@ -1,64 +1,51 @@
-"""Redis loss: health turns NOT_SERVING, session calls fail UNAVAILABLE (retryable), offline chat keeps working;
-when Redis is back the pipeline serves sessions again without any restart."""
+"""Redis down and back: while it is down, health turns NOT_SERVING, session calls fail UNAVAILABLE (retryable)
+and offline chat keeps working; Redis runs with an append-only file (as `make run` and the k8s manifests run it),
+so after its restart the same session continues with its whole context, without any replica restart."""
 
 from __future__ import annotations
-
-import subprocess
-import tempfile
-import time
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
 from services.client.sdk import text, user
-from tests.e2e.test_sessions import greedy
-from tests.servers import RedisServer, require_redis_server
+from tests.e2e.media import image_bytes, wav
+from tests.e2e.test_sessions import feed_units, greedy
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.slow]
 
 
-def restart_redis(old: RedisServer) -> RedisServer:
-    """A new redis-server on the same port (the app's configured URL), empty (no persistence, as deployed)."""
-    workdir = Path(tempfile.mkdtemp(prefix="redis-test-"))  # the old server removed its own
-    args = [require_redis_server(), "--bind", "127.0.0.1", "--port", str(old.port), "--dir", str(workdir),
-            "--save", "", "--appendonly", "no", "--logfile", str(workdir / "redis.log")]  # fmt: skip
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    new = RedisServer(proc, old.port, workdir, owns_workdir=True)
-    import redis
-
-    client = redis.Redis(port=old.port, socket_connect_timeout=1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if client.ping():
-                return new
-        except redis.ConnectionError:
-            time.sleep(0.01)  # polling the server's start-up
-    raise RuntimeError("redis-server did not come back")
-
-
-def test_redis_loss_and_recovery(served, client):
+def conversation(client, golden, during=None) -> list[list[int]]:
+    pcm = wav(golden, "unit_audio_2s.wav")
+    frames = [image_bytes(golden, "image_unit0.png"), image_bytes(golden, "image_unit1.png")]
     sid = client.create_session().session_id
-    old = served.redis
-    old.stop()
-    try:
-        assert client.health() == health_pb2.HealthCheckResponse.NOT_SERVING
-        with pytest.raises(grpc.RpcError) as err:
-            client.get_session(sid)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        with pytest.raises(grpc.RpcError) as err:
-            client.create_session()
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert client.chat([user(text("Offline chat needs no Redis."))], max_new_tokens=3, greedy=True).token_ids
-    finally:
-        served.redis = restart_redis(old)
-    assert client.health() == health_pb2.HealthCheckResponse.SERVING
-    with pytest.raises(grpc.RpcError) as err:  # the restarted Redis is empty: the old session is gone
-        client.get_session(sid)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    fresh = client.create_session().session_id
-    client.append(fresh, text="hello again")
-    assert client.respond(fresh, greedy(2)).token_ids
-    client.close_session(fresh)
+    feed_units(client, sid, pcm[:24000], frames)  # 1.5 s: one unit, half a second left in the gateway
+    first = client.respond(sid, greedy(6)).token_ids
+    client.append(sid, audio=pcm[:8000])
+    if during is not None:
+        during(sid)
+    feed_units(client, sid, pcm[8000:], frames)
+    second = client.respond(sid, greedy(8)).token_ids
+    client.close_session(sid)
+    return [first, second]
+
+
+def test_redis_restart_keeps_sessions(served, client, golden):
+    reference = conversation(client, golden)
+
+    def restart(sid: str) -> None:
+        served.redis.stop()
+        try:
+            assert client.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                client.get_session(sid)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "Redis" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                client.create_session()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert client.chat([user(text("Offline chat needs no Redis."))], max_new_tokens=3, greedy=True).token_ids
+        finally:
+            served.redis.start()
+        assert client.health() == health_pb2.HealthCheckResponse.SERVING
+
+    assert conversation(client, golden, during=restart) == reference

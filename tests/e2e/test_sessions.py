@@ -188,17 +188,28 @@ def test_closed_session_leaves_no_redis_keys(served, client, unit_inputs):
 
 
 def test_idle_session_expires_everywhere(served, client, unit_inputs):
+    """An idle session's keys expire together in Redis (the TTL is shortened here to what idling out does, so the
+    test need not wait the configured minutes) and every later call gets NOT_FOUND."""
     pcm, frames = unit_inputs
     sid = client.create_session().session_id
     feed_units(client, sid, pcm, frames)
-    ttl = client.get_session(sid).idle_ttl_s
-    deadline = time.monotonic() + ttl + 10
+    assert client.get_session(sid).idle_ttl_s == served.idle_ttl_s
+    r = redis.Redis.from_url(served.redis_url)
+    try:
+        for key in r.keys(f"*{sid}*"):
+            assert 0 < r.ttl(key) <= served.idle_ttl_s
+            r.pexpire(key, 50)
+    finally:
+        r.close()
+    deadline = time.monotonic() + 10
     while _keys(served.redis_url, sid) and time.monotonic() < deadline:
-        time.sleep(0.5)  # polling Redis for the idle expiry; the TTL is the wait, not a fixed sleep
+        time.sleep(0.02)  # polling Redis for the expiry
     assert _keys(served.redis_url, sid) == []
-    with pytest.raises(grpc.RpcError) as err:
-        client.get_session(sid)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    for call in (lambda: client.get_session(sid), lambda: client.append(sid, audio=pcm[:3200]),
+                 lambda: client.respond(sid, greedy(2))):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_session_token_limit_is_refused_and_session_survives(served, client):
@@ -228,7 +239,7 @@ def in_process_live_greedy(model_dir: str, ref: np.ndarray, pcm: np.ndarray, fra
     import torch
     from PIL import Image
 
-    from services.audio_encoder.encoder import AudioEncoder
+    from services.audio_encoder.encoder import AudioEmbedder
     from services.gateway.prompts import (
         AudioRef, ImageRef, Message, PlaceholderSettings, StreamingPromptState, assistant_prefix,
         build_streaming_prefill, system_prompt,
@@ -237,14 +248,14 @@ def in_process_live_greedy(model_dir: str, ref: np.ndarray, pcm: np.ndarray, fra
     from services.llm_core.generate import generate_solo
     from services.llm_core.model import load_llm_model
     from services.common.generation import GREEDY
-    from services.vision_encoder.encoder import VisionEncoder
-    from services.vision_encoder.processor import ImageProcessorConfig
+    from services.vision_encoder.encoder import ImageEmbedder
+    from services.common.image_layout import ImageProcessorConfig
     from tests.e2e.test_chat import _spread
 
     tok = load_tokenizer(model_dir)
     sp = SpecialTokens.from_tokenizer(tok)
     settings = PlaceholderSettings.streaming(ImageProcessorConfig.from_model_dir(model_dir))
-    model, vision, audio = load_llm_model(model_dir), VisionEncoder(model_dir), AudioEncoder(model_dir)
+    model, vision, audio = load_llm_model(model_dir), ImageEmbedder.from_checkpoint(model_dir), AudioEmbedder.from_checkpoint(model_dir)
     state, cache = StreamingPromptState(), model.new_cache()
 
     def prefill(prompt, image_rows=None, audio_rows=None):

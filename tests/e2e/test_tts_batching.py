@@ -1,6 +1,7 @@
-"""The speech deployments under concurrency and long utterances: concurrent speech answers share the
-TTSDecoder replica's generation steps (batched forward passes) and keep their solo codes; the separate Vocoder
-deployment flushes at a segment end but keeps the stream (its overlap codes) until the utterance ends."""
+"""The speech deployments under concurrency and long utterances: concurrent speech answers keep their solo codes
+(their steps may share batched forward passes on the TTSDecoder replica; that batching is tested in process,
+where it does not depend on timing) and every utterance is freed; the separate Vocoder deployment flushes at a
+segment end but keeps the stream (its overlap codes) until the utterance ends."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def speech_codes(answer) -> torch.Tensor:
     return torch.cat([from_proto(c.codes) for c in answer.chunks])
 
 
-def test_concurrent_speech_answers_share_tts_steps_and_keep_their_solo_codes(client):
+def test_concurrent_speech_answers_keep_their_solo_codes(client):
     tts = serve.get_deployment_handle("TTSDecoder", app_name=APP_NAME)
     opts = generation_options(max_new_tokens=24, min_new_tokens=24, greedy=True, speech=True,
                               speech_output=omni_pb2.SPEECH_OUTPUT_CODES, speech_greedy=True)  # fmt: skip
@@ -37,13 +38,9 @@ def test_concurrent_speech_answers_share_tts_steps_and_keep_their_solo_codes(cli
         return client.chat([user(text(prompt))], options=opts)
 
     solo = [ask(p) for p in PROMPTS]
-    tts.Stats.remote(reset_peak=True).result()
-    assert tts.Stats.remote().result()["peak_batch"] == 0
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(ask, PROMPTS))
-    stats = tts.Stats.remote().result()
-    assert stats["peak_batch"] > 1, stats  # some step advanced several utterances in one forward pass
-    assert stats["active_utterances"] == 0  # every utterance was finished and freed
+    assert tts.Stats.remote().result()["active_utterances"] == 0  # every utterance was finished and freed
     for a, b in zip(together, solo):
         assert a.token_ids == b.token_ids
         assert len(b.chunks) >= 1

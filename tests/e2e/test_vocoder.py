@@ -10,7 +10,7 @@ import pytest
 from ray import serve
 
 from protos.minicpmo.v1 import omni_pb2
-from services.gateway.app import build_app
+from services.app.builder import build_app
 from services.client.sdk import MiniCPMOClient, generation_options, text, user
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.slow]

@@ -8,22 +8,17 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from services.audio_encoder.encoder import AudioEncoder
+from services.audio_encoder.encoder import AudioEmbedder
 from services.audio_encoder.model import block_causal_mask
-from services.audio_encoder.processor import (
-    audio_placeholder,
-    audio_token_count,
-    encoder_frames,
-    extract_features,
-    join_parts,
-)
+from services.common.audio import audio_placeholder, audio_token_count, encoder_frames, join_parts
+from services.audio_encoder.processor import extract_features
 
 AUDIO_CASES_IN_PROMPTS = ["e3_audio_text", "e4_omni_units"]
 
 
 @pytest.fixture(scope="module")
-def encoder(golden) -> AudioEncoder:
-    return AudioEncoder(golden.checkpoint)
+def encoder(golden) -> AudioEmbedder:
+    return AudioEmbedder.from_checkpoint(golden.checkpoint)
 
 
 def message_clip(golden, msg: dict) -> np.ndarray | None:

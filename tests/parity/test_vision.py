@@ -2,7 +2,7 @@
 
 Case a: our processor on the input images (layout, uint8 pixels, normalised floats, tgt_sizes, placeholders).
 Case b: vpm + resampler on all slices of the case-a images (msn 9) in one batch, built from OUR processor output
-as the case describes; then the same through `VisionEncoder.encode` at several batch sizes.
+as the case describes; then the same through `ImageEmbedder.encode` at several batch sizes.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.vision_encoder.encoder import VisionEncoder, collate_slices
+from services.vision_encoder.encoder import ImageEmbedder, collate_slices
 from services.vision_encoder.model import bucketed_position_ids, load_vision_model, patch_attention_mask
-from services.vision_encoder.processor import ImageProcessorConfig, image_placeholder, load_image, preprocess
+from services.common.image_layout import ImageProcessorConfig, image_placeholder
+from services.vision_encoder.processor import load_image, preprocess
 
 A, B = "a_image_preprocess", "b_vision"
 
@@ -110,7 +111,7 @@ def test_vision_model(golden, b_inputs, attn):
 @pytest.mark.parametrize("batch_size", [16, 5, 1])
 def test_encoder_matches_reference(golden, batch_size):
     """`encode` (own batching and padding) gives the reference resampler rows for every image's slices."""
-    encoder = VisionEncoder(golden.checkpoint, batch_size=batch_size)
+    encoder = ImageEmbedder.from_checkpoint(golden.checkpoint, batch_size=batch_size)
     metas = _b_images(golden)
     encoded = encoder.encode([_image_bytes(golden, m) for m in metas], max_slice_nums=metas[0]["max_slice_nums"])
     per_slice = torch.cat([e.embeddings for e in encoded]).reshape(golden["b.resampler.out"].shape)

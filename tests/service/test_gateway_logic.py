@@ -7,13 +7,18 @@ import numpy as np
 import pytest
 
 from protos.minicpmo.v1 import omni_pb2
-from services.gateway.auth import PermissionDenied, Unauthenticated
-from services.gateway.live import prompt_state
-from services.gateway.pipeline import InvalidRequest, LimitExceeded, Limits, decode_pcm, prefill_input, sampling_params
-from services.gateway.prompts import Prompt, user_turn_prefix
-from services.gateway.servicer import status_for
-from services.gateway.sessions import InvalidTurn, SessionLimitExceeded, SessionNotFound, StoreUnavailable
+from ray.exceptions import ActorDiedError
+
 from services.common.generation import CHAT_DEFAULTS, STREAMING_DEFAULTS
+from services.gateway.auth import PermissionDenied, Unauthenticated
+from services.gateway.context import prefill_input
+from services.gateway.live import prompt_state
+from services.gateway.prompts import Prompt, turn_markup
+from services.gateway.requests import InvalidRequest, LimitExceeded, Limits, decode_pcm, sampling_params
+from services.gateway.servicer import status_for
+from services.gateway.sessions import InvalidTurn
+from services.runtime.errors import InvalidArgument
+from services.runtime.ownership import SessionLimitExceeded, SessionNotFound, StoreUnavailable
 
 
 def opts(**kw) -> omni_pb2.GenerationOptions:
@@ -33,8 +38,26 @@ def test_sampling_defaults_greedy_and_overrides():
     assert s.temperature == pytest.approx(0.3) and (s.top_k, s.seed, s.top_p) == (5, 11, CHAT_DEFAULTS.top_p)
     with pytest.raises(LimitExceeded):
         sampling_params(opts(max_new_tokens=lim.max_new_tokens + 1), CHAT_DEFAULTS, lim)
-    with pytest.raises(ValueError):  # the sampler's own range check
-        sampling_params(opts(top_p=1.5), CHAT_DEFAULTS, lim)
+    assert sampling_params(opts(temperature=0.0), CHAT_DEFAULTS, lim).greedy  # OpenAI-style greedy
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=-1.0),
+     dict(top_p=0.0), dict(top_p=2.0), dict(top_p=float("nan")), dict(top_k=-1),
+     dict(repetition_penalty=0.0), dict(repetition_penalty=float("nan")), dict(repetition_penalty=-2.0),
+     dict(min_new_tokens=10**9), dict(min_new_tokens=9, max_new_tokens=8)],
+)  # fmt: skip
+def test_bad_sampling_settings_are_invalid_arguments(bad):
+    with pytest.raises(InvalidArgument):
+        sampling_params(opts(**bad), CHAT_DEFAULTS, Limits())
+
+
+def test_unknown_speech_output_is_refused():
+    o = opts()
+    o.speech.output = 99
+    with pytest.raises(InvalidRequest, match="speech.output 99"):
+        sampling_params(o, CHAT_DEFAULTS, Limits())
 
 
 def test_decode_pcm_formats_and_errors():
@@ -46,9 +69,17 @@ def test_decode_pcm_formats_and_errors():
     np.testing.assert_allclose(got, x, atol=1e-4)
     assert decode_pcm(omni_pb2.Audio(pcm=x.tobytes(), sample_rate=48000), 60).shape[0] == pytest.approx(16000 / 3, abs=2)
     for bad in (omni_pb2.Audio(pcm=x.tobytes()), omni_pb2.Audio(pcm=b"abc", sample_rate=16000),
-                omni_pb2.Audio(pcm=b"", sample_rate=16000), omni_pb2.Audio(pcm=x.tobytes(), sample_rate=12345)):  # fmt: skip
-        with pytest.raises(ValueError):
+                omni_pb2.Audio(pcm=b"", sample_rate=16000), omni_pb2.Audio(pcm=x.tobytes(), sample_rate=12345),
+                omni_pb2.Audio(pcm=x.tobytes(), sample_rate=16000, format=7)):  # fmt: skip
+        with pytest.raises(InvalidArgument):
             decode_pcm(bad, 60)
+
+
+def test_loud_audio_is_scaled_to_full_scale_not_refused():
+    x = (np.sin(np.arange(16000) / 10) * 0.5).astype(np.float32)
+    loud = decode_pcm(omni_pb2.Audio(pcm=(x * 1e19).astype(np.float32).tobytes(), sample_rate=16000), 60)
+    assert np.isfinite(loud).all() and np.abs(loud).max() == pytest.approx(1.0)
+    np.testing.assert_allclose(loud, x / np.abs(x).max(), rtol=1e-5, atol=1e-6)
 
 
 def test_prefill_input_spans_are_relative_to_the_slice():
@@ -64,12 +95,12 @@ def test_prefill_input_spans_are_relative_to_the_slice():
 
 
 @pytest.mark.parametrize(
-    "prev, prefix",
-    [("idle", user_turn_prefix("system")), ("answered", user_turn_prefix("answer")),
-     ("interrupted", user_turn_prefix("interrupt")), ("user_turn", "")],
+    "prev, markup",
+    [("idle", turn_markup("system")), ("answered", turn_markup("answer")),
+     ("interrupted", turn_markup("interrupt")), ("answering", turn_markup("interrupt")), ("user_turn", ("", ""))],
 )  # fmt: skip
-def test_turn_state_gives_upstream_prefix(prev, prefix):
-    assert prompt_state(prev).next_prefix("user") == (False, prefix)
+def test_turn_state_gives_upstream_prefix(prev, markup):
+    assert prompt_state(prev).next_prefix("user") == (False, markup)
 
 
 @pytest.mark.parametrize(
@@ -83,6 +114,8 @@ def test_turn_state_gives_upstream_prefix(prev, prefix):
         (LimitExceeded("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (InvalidRequest("x"), grpc.StatusCode.INVALID_ARGUMENT),
         (StoreUnavailable("x"), grpc.StatusCode.UNAVAILABLE),
+        (ActorDiedError(), grpc.StatusCode.UNAVAILABLE),
+        (ValueError("x"), grpc.StatusCode.INTERNAL),  # only errors that say they are the caller's are
         (RuntimeError("x"), grpc.StatusCode.INTERNAL),
     ],
 )

@@ -18,7 +18,7 @@ import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from services.common.routing import SessionAffinityReplica, affinity_router_config
+from services.runtime.routing import SessionAffinityReplica, affinity_router_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -53,7 +53,7 @@ class Echo(SessionAffinityReplica):
     num_replicas=N_REPLICAS,
     max_ongoing_requests=2,
     ray_actor_options={"num_cpus": 0.1},
-    request_router_config={"request_router_class": "services.common.routing:SessionAffinityRouter"},
+    request_router_config={"request_router_class": "services.runtime.routing:SessionAffinityRouter"},
 )
 class RanklessEcho:
     """Routed by the same router but without the rank-publishing mixin (the router's fallback path)."""

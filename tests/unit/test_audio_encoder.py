@@ -1,4 +1,4 @@
-"""AudioEncoder on the golden tiny checkpoint: official key layout, batching invariance, >30 s clips, streaming
+"""AudioEmbedder on the golden tiny checkpoint: official key layout, batching invariance, >30 s clips, streaming
 state (explicit, batched across streams, reset at the 1500-position limit), input errors."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.audio_encoder.encoder import PREFIXES, AudioEncoder
+from services.audio_encoder.encoder import PREFIXES, AudioEmbedder
 from services.audio_encoder.model import AudioModel
-from services.audio_encoder.processor import AudioInputError, audio_token_count
+from services.common.audio import AudioInputError, audio_token_count
 from services.common.checkpoint import UNUSED_AT_INFERENCE
 from services.common.config import real_config
 
@@ -19,8 +19,8 @@ ATOL = 1e-5  # fp32 batched vs solo: same math, different padding / GEMM shapes
 
 
 @pytest.fixture(scope="module")
-def encoder(golden) -> AudioEncoder:
-    return AudioEncoder(golden.checkpoint)
+def encoder(golden) -> AudioEmbedder:
+    return AudioEmbedder.from_checkpoint(golden.checkpoint)
 
 
 def noise(seconds: float, seed: int) -> np.ndarray:
@@ -124,7 +124,7 @@ def test_other_sample_rates_are_resampled_before_encoding(encoder):
 
 
 def test_bfloat16_runs_close_to_float32(golden, encoder):
-    bf16 = AudioEncoder(golden.checkpoint, dtype=torch.bfloat16)
+    bf16 = AudioEmbedder.from_checkpoint(golden.checkpoint, dtype=torch.bfloat16)
     clip = noise(1.5, 4)
     ref = encoder.encode([clip])[0]
     out = bf16.encode([clip])[0]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from services.audio_encoder import processor as P
-from services.audio_encoder.processor import AudioInputError, audio_placeholder, audio_token_count, validate_pcm
+from services.common import audio as A
+from services.common.audio import AudioInputError, audio_placeholder, audio_token_count, validate_pcm
 
 
 def reference_token_count(samples: int) -> int:
@@ -30,9 +31,9 @@ def test_token_count_matches_reference_everywhere_small():
 
 
 def groups(placeholder: str) -> list[int]:
-    body = placeholder.split(P.AUDIO_START)[1:]
-    assert all(g.endswith(P.AUDIO_END) for g in body)
-    return [g.count(P.AUDIO_FILLER) for g in body]
+    body = placeholder.split(A.AUDIO_START)[1:]
+    assert all(g.endswith(A.AUDIO_END) for g in body)
+    return [g.count(A.AUDIO_FILLER) for g in body]
 
 
 def test_placeholder_chunks_per_second_last_shorter():
@@ -45,7 +46,7 @@ def test_placeholder_chunks_per_second_last_shorter():
 def test_placeholder_zero_tokens():
     # upstream: no chunk group at all when chunked, an empty start/end pair when not
     assert audio_placeholder(100) == ""
-    assert audio_placeholder(100, chunk_input=False) == P.AUDIO_START + P.AUDIO_END
+    assert audio_placeholder(100, chunk_input=False) == A.AUDIO_START + A.AUDIO_END
 
 
 def test_validate_accepts_mono_float32_unchanged():
@@ -88,7 +89,7 @@ def test_stereo_is_downmixed_by_mean():
     np.testing.assert_array_equal(validate_pcm(left[:, None], 16000), left)
 
 
-@pytest.mark.parametrize("rate", P.ACCEPTED_SAMPLE_RATES)
+@pytest.mark.parametrize("rate", A.ACCEPTED_SAMPLE_RATES)
 def test_accepted_rates_resample_to_16k(rate):
     t = np.arange(rate) / rate  # 1 s of a 440 Hz tone
     out = validate_pcm(np.sin(2 * np.pi * 440 * t).astype(np.float32), rate)
@@ -101,7 +102,7 @@ def test_split_and_join():
     clip = np.arange(61 * 16000, dtype=np.float32)
     pieces = P.split_pieces(clip)
     assert [len(p) for p in pieces] == [480000, 480000, 16000]
-    np.testing.assert_array_equal(P.join_parts(pieces), clip)
+    np.testing.assert_array_equal(A.join_parts(pieces), clip)
     assert sum(audio_token_count(len(p)) for p in pieces) == audio_token_count(len(clip))
 
 
@@ -122,7 +123,7 @@ def test_short_feature_window_equals_30s_window(extractor, samples, kind):
     ours = P.extract_features(extractor, [x])
     full = extractor([x], sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
     n = int(full["attention_mask"].sum())
-    assert int(ours.lengths[0]) == n == P.mel_frames(samples)
+    assert int(ours.lengths[0]) == n == A.mel_frames(samples)
     np.testing.assert_allclose(ours.features[0].numpy(), full["input_features"][0, :, :n].numpy(), atol=1e-6)
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from services.gateway.tokenizer import SpecialTokens, load_tokenizer
-from services.llm_core.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer
+from services.gateway.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

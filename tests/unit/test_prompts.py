@@ -23,7 +23,7 @@ from services.gateway.prompts import (
     user_turn_prefix,
 )
 from services.gateway.tokenizer import SpecialTokens, load_tokenizer
-from services.vision_encoder.processor import ImageProcessorConfig, slice_layout
+from services.common.image_layout import ImageProcessorConfig, slice_layout
 
 
 @pytest.fixture(scope="module")

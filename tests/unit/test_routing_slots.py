@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.routing import RankSlots, owner_rank
+from services.runtime.routing import RankSlots, owner_rank
 
 SESSIONS = [f"s{i}" for i in range(300)]
 

@@ -11,9 +11,9 @@ from PIL import Image
 
 from services.common.checkpoint import UNUSED_AT_INFERENCE
 from services.common.config import real_config
-from services.vision_encoder.encoder import VisionEncoder
+from services.vision_encoder.encoder import ImageEmbedder
 from services.vision_encoder.model import PREFIXES, Resampler, VisionModel, sincos_1d
-from services.vision_encoder.processor import ImageInputError
+from services.common.image_layout import ImageInputError
 
 
 def test_state_dict_equals_official_keys_at_real_config(golden):
@@ -63,8 +63,8 @@ def _images(n: int) -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def encoder(golden) -> VisionEncoder:
-    return VisionEncoder(golden.checkpoint, batch_size=4)
+def encoder(golden) -> ImageEmbedder:
+    return ImageEmbedder.from_checkpoint(golden.checkpoint, batch_size=4)
 
 
 def test_n_images_in_one_call_equal_n_calls(encoder):
@@ -86,7 +86,7 @@ def test_bad_image_fails_the_call_before_compute(encoder):
 
 
 def test_bfloat16_runs_close_to_float32(golden, encoder):
-    bf16 = VisionEncoder(golden.checkpoint, dtype=torch.bfloat16)
+    bf16 = ImageEmbedder.from_checkpoint(golden.checkpoint, dtype=torch.bfloat16)
     image = _images(1)
     ref = encoder.encode(image, max_slice_nums=1)[0].embeddings
     out = bf16.encode(image, max_slice_nums=1)[0].embeddings

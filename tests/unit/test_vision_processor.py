@@ -8,21 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.vision_encoder.processor import (
-    IM_END,
-    IM_ID_START,
-    IM_START,
-    SLICE_END,
-    SLICE_START,
-    UNK,
-    ImageInputError,
-    ImageProcessorConfig,
-    image_placeholder,
-    load_image,
-    preprocess,
-    reshape_by_patch,
-    slice_layout,
-)
+from services.common.image_layout import IM_END, IM_ID_START, IM_START, SLICE_END, SLICE_START, UNK, ImageInputError, ImageProcessorConfig, image_placeholder, slice_layout
+from services.vision_encoder.processor import load_image, preprocess, reshape_by_patch
 
 CFG = ImageProcessorConfig()
 

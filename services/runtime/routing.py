@@ -26,7 +26,7 @@ How the owner is chosen
 Public API
 ----------
 ``SessionAffinityRouter``: the ``RequestRouter`` subclass (kwargs via ``request_router_kwargs``:
-    ``missing_rank_patience_s`` (default 30.0)); usable by path ``"services.common.routing:SessionAffinityRouter"``.
+    ``missing_rank_patience_s`` (default 30.0)); usable by path ``"services.runtime.routing:SessionAffinityRouter"``.
     A deployment that does not publish ranks still gets one replica per session (rendezvous over replica ids,
     with a warning), but then a dead replica's replacement also takes ~1/n of the other sessions.
 ``owner_rank(session_id, ranks) -> rank``: the pure rendezvous choice. ``RankSlots``: the pure slot bookkeeping
@@ -47,12 +47,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import RayServeException
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 RANK_KEY = "rank"
@@ -159,6 +161,15 @@ class SessionAffinityReplica:
 
     def record_replica_metadata(self) -> dict[str, Any]:
         return {RANK_KEY: _own_rank()}
+
+
+def replica_id() -> str:
+    """This replica's unique id (the lease holder's name in Redis); outside Ray Serve (a stage run in process,
+    as the in-process benchmark does) one id per process."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return f"local-{os.getpid()}"
 
 
 def _own_rank() -> int:

@@ -1,14 +1,17 @@
 """Custom Prometheus metrics of the pipeline, exported the way Ray Serve exports custom metrics
 (`ray.serve.metrics`: scraped from each node's metrics agent, tagged with deployment and replica).
 
-Per-stage latency is recorded by every deployment (`stage` tag), the LLM engine's queue depth by LLMCore; the
+Per-stage latency is recorded by every deployment (`stage` tag), the LLM engine's queue depth and KV use by
+LLMCore (sampled every few seconds, idle or not), state rebuilds by the session-holding stages; the
 answer-level metrics (time to first token / audio, speech real-time factor, active sessions) by the gateway.
 Ray Serve's own series complement them: per-deployment queued and ongoing requests, replica counts, latencies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -23,8 +26,20 @@ STAGE_LATENCY = Histogram(
 )
 QUEUE_DEPTH = Gauge(
     "minicpmo_stage_queue_depth",
-    description="Requests waiting or running in a stage replica (LLM: engine queue).",
+    description="Requests waiting in a stage replica (LLM: engine queue); reported every period, 0 when idle.",
     tag_keys=("stage",),
+)
+KV_TOKENS = Gauge(
+    "minicpmo_kv_tokens",
+    description="Tokens held in an LLMCore replica's KV cache, over all its sessions.",
+)
+KV_SESSIONS = Gauge(
+    "minicpmo_kv_sessions",
+    description="Sessions whose KV an LLMCore replica holds.",
+)
+KV_FREE_TOKENS = Gauge(
+    "minicpmo_kv_free_tokens",
+    description="Tokens of KV capacity an LLMCore replica has left.",
 )
 TTFT = Histogram(
     "minicpmo_time_to_first_token_s",
@@ -55,7 +70,23 @@ ERRORS = Counter(
     description="Public RPCs that failed, by gRPC status code.",
     tag_keys=("rpc", "code"),
 )
+REBUILDS = Counter(
+    "minicpmo_state_rebuilds_total",
+    description="Session states rebuilt from a replay log (a replica took over a session it did not hold).",
+    tag_keys=("stage",),
+)
+CONTEXT_ROLLS = Counter(
+    "minicpmo_context_rolls_total",
+    description="Live sessions' KV caches rolled to their context window (oldest units dropped).",
+)
 ANSWER_TOKENS = Counter("minicpmo_answer_tokens_total", description="Answer tokens streamed to clients.")
+
+
+async def report_every(period_s: float, report: Callable[[], None]) -> None:
+    """Call `report` every `period_s` seconds for the life of the replica (gauges stay current when idle)."""
+    while True:
+        report()
+        await asyncio.sleep(period_s)
 
 
 @contextmanager

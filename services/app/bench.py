@@ -1,0 +1,328 @@
+"""`minicpmo bench pipeline`: live sessions through the Ray Serve deployments vs the same driver and stages in
+one process (`services.app.local`: the deployed pipeline minus its transport), on the tiny and small configs.
+
+Rows per config and path ("deployments": gRPC through the proxy, the Gateway and every deployment;
+"in-process": the live-session driver over the stages in this process; both keep sessions in a real Redis):
+- `unit`: latency of one 1 s live unit (a frame + 1 s of audio in one AppendUnit -> encoders -> prefill);
+- `ttfa`: time to first audio of a spoken answer;
+- `throughput`: 1, 8 and 32 sessions each pushing 1 s units back to back: units/s in all, unit latency;
+- `capacity`: real-time live sessions (200 ms audio pieces paced in real time, a frame each second, a spoken
+  answer every 5 units): the most sessions whose unit latency p95 stays under 1 s, found by doubling then
+  bisecting; `unit_p95_ms` is that of the largest passing count;
+- `cpu_per_unit` (deployments): CPU seconds each stage's replica processes spent per unit in the throughput run.
+A unit's latency in the paced runs is from the AppendUnit that completed its second to that call's reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protos.minicpmo.v1 import omni_pb2
+
+APP = "minicpmo-bench"
+CONCURRENCY = (1, 8, 32)
+PIECE_S = 0.2
+ANSWER_EVERY = 5  # units between two spoken answers in the capacity runs
+CAPACITY_P95_S = 1.0
+STAGE_NAMES = ("Gateway", "VisionEncoder", "AudioEncoder", "LLMCore", "TTSDecoder")
+
+
+def unit_inputs() -> tuple[bytes, np.ndarray]:
+    """A 448x448 frame (PNG) and 1 s of speech-like 16 kHz audio (deterministic)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((448, 448, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    t = np.arange(16000) / 16000
+    pcm = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(t.size)
+    return buf.getvalue(), pcm.astype(np.float32)
+
+
+def stats_ms(xs: list[float]) -> dict[str, float]:
+    xs = sorted(x * 1000 for x in xs)
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"p50_ms": statistics.median(xs), "p95_ms": pick(0.95), "n": len(xs)}
+
+
+def speech_options(n: int) -> omni_pb2.GenerationOptions:
+    opts = omni_pb2.GenerationOptions(max_new_tokens=n, min_new_tokens=n)
+    opts.sampling.greedy = True
+    opts.speech.enabled = True
+    opts.speech.greedy = True
+    return opts
+
+
+def audio(pcm: np.ndarray) -> omni_pb2.Audio:
+    return omni_pb2.Audio(pcm=pcm.astype("<f4").tobytes(), sample_rate=16000)
+
+
+# --- the two paths: one async client interface ------------------------------------------------------------------
+
+
+class DeployedPath:
+    """The production app on a local Ray cluster, reached over gRPC (asyncio channel, one per path)."""
+
+    name = "deployments"
+
+    def __init__(self, model_dir: str, device: str, redis_url: str):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        import ray
+        from ray import serve
+        from ray.serve.config import gRPCOptions
+
+        from services.app.builder import GRPC_SERVICER_FUNCTIONS, build_app
+        from services.app.redis_server import free_port
+
+        port = free_port()
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": free_port()},
+            grpc_options=gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+        )
+        serve.run(build_app({"model_dir": model_dir, "redis_url": redis_url, "api_keys": "bench",
+                             "device": device}), name=APP, route_prefix="/")  # fmt: skip
+        self.target = f"127.0.0.1:{port}"
+        self.channel = None
+
+    def _stub(self):
+        import grpc
+
+        from protos.minicpmo.v1 import omni_pb2_grpc
+
+        if self.channel is None:
+            self.channel = grpc.aio.insecure_channel(self.target, options=[("grpc.max_receive_message_length", 64 << 20)])
+        return omni_pb2_grpc.MiniCPMOStub(self.channel)
+
+    @staticmethod
+    def _md(sid: str = "") -> list[tuple[str, str]]:
+        return [("x-api-key", "bench"), *([("session_id", sid)] if sid else [])]
+
+    async def create(self) -> str:
+        return (await self._stub().CreateSession(omni_pb2.CreateSessionRequest(), metadata=self._md())).session_id
+
+    async def append(self, sid: str, req: omni_pb2.AppendUnitRequest) -> omni_pb2.AppendUnitResponse:
+        return await self._stub().AppendUnit(req, metadata=self._md(sid))
+
+    def respond(self, sid: str, opts: omni_pb2.GenerationOptions):
+        return self._stub().Respond(omni_pb2.RespondRequest(session_id=sid, options=opts), metadata=self._md(sid))
+
+    async def close_session(self, sid: str) -> None:
+        await self._stub().CloseSession(omni_pb2.CloseSessionRequest(session_id=sid), metadata=self._md(sid))
+
+    def replica_pids(self) -> dict[str, list[int]]:
+        from ray.util.state import list_actors
+
+        pids: dict[str, list[int]] = {name: [] for name in STAGE_NAMES}
+        for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+            for name in STAGE_NAMES:
+                if f"#{name}#" in (actor.name or ""):
+                    pids[name].append(actor.pid)
+        return pids
+
+    async def aclose(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+class InProcessPath:
+    """The live-session driver over the stages in this process (same code, no Ray, no gRPC)."""
+
+    name = "in-process"
+
+    def __init__(self, model_dir: str, device: str, redis_url: str):
+        from services.app.local import LocalStages
+        from services.gateway.auth import key_hash
+        from services.gateway.context import GatewayContext
+        from services.gateway.live import LiveSessions
+        from services.gateway.requests import Limits
+        from services.gateway.sessions import SessionRecords
+
+        self.stages = LocalStages(model_dir, device, redis_url)
+        ctx = GatewayContext.from_model_dir(model_dir, self.stages, Limits())
+        self.records = SessionRecords.from_url(redis_url)
+        self.live = LiveSessions(ctx, self.records)
+        self.caller = key_hash("bench")
+
+    async def create(self) -> str:
+        return (await self.live.create(self.caller, omni_pb2.CreateSessionRequest())).session_id
+
+    async def append(self, sid: str, req: omni_pb2.AppendUnitRequest) -> omni_pb2.AppendUnitResponse:
+        return await self.live.append(self.caller, req)
+
+    def respond(self, sid: str, opts: omni_pb2.GenerationOptions):
+        return self.live.respond(self.caller, omni_pb2.RespondRequest(session_id=sid, options=opts))
+
+    async def close_session(self, sid: str) -> None:
+        await self.live.close(self.caller, sid)
+
+    async def aclose(self) -> None:
+        await self.records.aclose()
+
+    def shutdown(self) -> None:
+        self.stages.close()
+
+
+# --- scenarios ------------------------------------------------------------------------------------------------
+
+
+def unit_request(sid: str, frame: bytes, pcm: np.ndarray) -> omni_pb2.AppendUnitRequest:
+    return omni_pb2.AppendUnitRequest(session_id=sid, audio=audio(pcm), frames=[omni_pb2.Image(data=frame)])
+
+
+async def first_audio(path, sid: str, opts) -> float:
+    t0 = time.perf_counter()
+    first = float("nan")
+    async for ev in path.respond(sid, opts):
+        if ev.WhichOneof("event") == "audio" and first != first:
+            first = time.perf_counter() - t0
+    return first
+
+
+async def unit_and_ttfa(path, frame: bytes, pcm: np.ndarray, reps: int) -> tuple[list[float], list[float]]:
+    sid = await path.create()
+    await path.append(sid, unit_request(sid, frame, pcm))  # warm-up
+    unit, ttfa = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        await path.append(sid, unit_request(sid, frame, pcm))
+        unit.append(time.perf_counter() - t0)
+    for _ in range(max(2, reps // 3)):
+        await path.append(sid, unit_request(sid, frame, pcm))
+        ttfa.append(await first_audio(path, sid, speech_options(24)))
+    await path.close_session(sid)
+    return unit, ttfa
+
+
+async def throughput(path, frame: bytes, pcm: np.ndarray, sessions: int, units: int) -> tuple[float, list[float]]:
+    sids = [await path.create() for _ in range(sessions)]
+    latencies: list[float] = []
+
+    async def one(sid: str) -> None:
+        for _ in range(units):
+            t0 = time.perf_counter()
+            await path.append(sid, unit_request(sid, frame, pcm))
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(s) for s in sids))
+    wall = time.perf_counter() - t0
+    for sid in sids:
+        await path.close_session(sid)
+    return sessions * units / wall, latencies
+
+
+async def paced(path, frame: bytes, pcm: np.ndarray, sessions: int, units: int) -> list[float]:
+    """`sessions` live sessions in real time; the latencies of the AppendUnit calls that completed a unit."""
+    latencies: list[float] = []
+    piece = int(16000 * PIECE_S)
+
+    async def one(sid: str, offset: float) -> None:
+        await asyncio.sleep(offset)  # spread the sessions' clocks over one piece
+        start = time.perf_counter()
+        for k in range(units * int(1 / PIECE_S)):
+            due = start + k * PIECE_S
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))  # pacing: a live microphone
+            req = omni_pb2.AppendUnitRequest(session_id=sid, audio=audio(pcm[(k % 5) * piece : (k % 5 + 1) * piece]))
+            if k % 5 == 0:
+                req.frames.append(omni_pb2.Image(data=frame))
+            t0 = time.perf_counter()
+            reply = await path.append(sid, req)
+            if reply.units_prefilled:
+                latencies.append(time.perf_counter() - t0)
+            if reply.units_prefilled and (k + 1) % (5 * ANSWER_EVERY) == 0:
+                async for _ in path.respond(sid, speech_options(12)):
+                    pass
+
+    sids = [await path.create() for _ in range(sessions)]
+    await asyncio.gather(*(one(s, i * PIECE_S / sessions) for i, s in enumerate(sids)))
+    for sid in sids:
+        await path.close_session(sid)
+    return latencies
+
+
+async def capacity(path, frame: bytes, pcm: np.ndarray, units: int, limit: int) -> tuple[int, dict[str, float]]:
+    """The most real-time sessions with unit p95 under CAPACITY_P95_S (doubling, then bisecting)."""
+    best, best_stats, n, lo, hi = 0, {}, 1, 0, None
+    while n <= limit:
+        s = stats_ms(await paced(path, frame, pcm, n, units))
+        if s["p95_ms"] <= CAPACITY_P95_S * 1000:
+            best, best_stats, lo = n, s, n
+        else:
+            hi = n
+        if hi is None:
+            n *= 2
+        elif hi - lo <= 1:
+            break
+        else:
+            n = (lo + hi) // 2
+    return best, best_stats
+
+
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def of(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+    return {name: sum(of(p) for p in ps) for name, ps in pids.items()}
+
+
+async def run_path(path, config: str, frame: bytes, pcm: np.ndarray, quick: bool) -> list[dict[str, Any]]:
+    reps, units = (4, 2) if quick else (12, 4)
+    row = {"config": config, "path": path.name}
+    unit, ttfa = await unit_and_ttfa(path, frame, pcm, reps)
+    rows = [{**row, "metric": "unit", **stats_ms(unit)}, {**row, "metric": "ttfa", **stats_ms(ttfa)}]
+    for n in CONCURRENCY:
+        before = cpu_seconds(path.replica_pids()) if isinstance(path, DeployedPath) else None
+        ups, lat = await throughput(path, frame, pcm, n, units)
+        rows.append({**row, "metric": "throughput", "sessions": n, "units_per_s": ups, **stats_ms(lat)})
+        if before is not None and n == CONCURRENCY[-1]:
+            after = cpu_seconds(path.replica_pids())
+            per_unit = {f"cpu_ms_{k}": (after[k] - before[k]) * 1000 / (n * units) for k in STAGE_NAMES}
+            rows.append({**row, "metric": "cpu_per_unit", "sessions": n, **per_unit})
+    best, s = await capacity(path, frame, pcm, units=3 if quick else 6, limit=16 if quick else 128)
+    rows.append({**row, "metric": "capacity", "sessions": best, **{k: v for k, v in s.items() if k != "n"}})
+    return rows
+
+
+def run(args) -> list[dict[str, Any]]:
+    from services.app.redis_server import RedisServer
+    from services.common.bench_checkpoints import small_checkpoint, tiny_checkpoint
+
+    frame, pcm = unit_inputs()
+    rows: list[dict[str, Any]] = []
+    for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        model_dir = str({"tiny": tiny_checkpoint, "small": small_checkpoint}[config]())
+        for make in (InProcessPath, DeployedPath):
+            with RedisServer() as redis:
+                redis.start()
+                path = make(model_dir, args.device, redis.url)
+                try:
+                    rows += asyncio.run(_measured(path, config, frame, pcm, args.quick))
+                finally:
+                    path.shutdown()
+    return rows
+
+
+async def _measured(path, config: str, frame: bytes, pcm: np.ndarray, quick: bool) -> list[dict[str, Any]]:
+    try:
+        return await run_path(path, config, frame, pcm, quick)
+    finally:
+        await path.aclose()

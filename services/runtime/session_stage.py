@@ -1,0 +1,162 @@
+"""The base of a stage that holds per-session state built from the session's replay log (LLMCore's KV,
+AudioEncoder's streaming Whisper state): lock -> fence -> rebuild -> idempotent record -> log-then-apply, and
+a sweep that frees the state of sessions that ended.
+
+The protocol, per request on session `sid` (one replica at a time owns `sid`'s state; see ownership.py):
+1. lock: a session's state-changing calls run one at a time on this replica (a retry racing its original
+   waits for it);
+2. fence: acquire the session's lease for this role; the local state is valid only if it was built under the
+   epoch that comes back, otherwise (a replica that lost the session, even briefly, or never had it) it is
+   rebuilt from the role's replay log;
+3. idempotent record: the gateway gives every logged request an id, the same on each retry; `applied` maps the
+   ids the local state holds (applied here, or replayed by a rebuild) to what their answer needs, so a retry
+   of a request the old owner logged but never answered is answered from the record instead of applied twice.
+   The gateway retries only a session's latest requests (its calls for a session are in order), so the record
+   keeps the last `RECORDED` results per session (bounded memory for sessions that last hours);
+4. log-then-apply: the entry goes into the log first (fenced, limit-checked), then into the local state; any
+   failure between the two forgets the local state (the next request rebuilds it from the log), so the local
+   state is always "the log under our epoch";
+5. sweep: a background task (started once, on first use) drops the state of sessions whose record is gone.
+
+Subclasses implement the domain: `has_state`, `drop_state`, `rebuild` (and call `log_then_apply`, or `owned`
+plus `record`/`forget` for requests whose log entry is only known after they ran, like a streamed answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar, TypeVar
+
+from protos.minicpmo.v1 import replay_pb2
+from services.runtime.ownership import Fence, OwnershipStore, SessionLimitExceeded, SessionNotFound
+
+R = TypeVar("R")
+log = logging.getLogger("ray.serve")
+RECORDED = 32  # results kept per session for retries (far more than a session's requests in flight)
+
+
+class SessionStage:
+    role: ClassVar[str]  # "llm" / "audio": which lease and which log
+    sweep_period_s: ClassVar[float] = 15.0
+
+    def __init__(self, store: OwnershipStore | None, replica_id: str) -> None:
+        self.store = store
+        self.replica_id = replica_id
+        self.epochs: dict[str, int] = {}  # session id -> epoch its local state was built under
+        self.applied: dict[str, OrderedDict[str, Any]] = {}  # session id -> {request id: its result}, newest last
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    # --- the domain (subclasses) --------------------------------------------------------------------------------
+
+    def has_state(self, session_id: str) -> bool:
+        raise NotImplementedError
+
+    def drop_state(self, session_id: str) -> None:
+        raise NotImplementedError
+
+    async def rebuild(self, session_id: str, entries: Sequence[replay_pb2.ReplayEntry]) -> dict[str, Any]:
+        """Build the session's state from its log; return {request id: result} of (at least the last
+        `RECORDED`) logged requests, in log order."""
+        raise NotImplementedError
+
+    # --- the protocol -------------------------------------------------------------------------------------------
+
+    def _store(self) -> OwnershipStore:
+        if self.store is None:
+            raise RuntimeError(f"{type(self).__name__} was started without redis_url: live sessions are unavailable")
+        return self.store
+
+    @asynccontextmanager
+    async def owned(self, session_id: str) -> AsyncIterator[Fence]:
+        """Lock the session on this replica and fence it, rebuilding its state from the log if stale."""
+        store = self._store()
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep())
+        async with self._locks.setdefault(session_id, asyncio.Lock()):
+            fence = await store.acquire(session_id, self.role, self.replica_id)
+            if not self.has_state(session_id) or self.epochs.get(session_id) != fence.epoch:
+                self.discard(session_id)
+                self.drop_state(session_id)
+                results = await self.rebuild(session_id, await store.log(session_id, self.role))
+                for rid, result in results.items():
+                    self.record(session_id, rid, result)
+                self.epochs[session_id] = fence.epoch
+            yield fence
+
+    def result(self, session_id: str, request_id: str) -> Any:
+        """What the already-applied request `request_id` answered; None if the local state lacks it."""
+        return self.applied.get(session_id, {}).get(request_id) if request_id else None
+
+    def record(self, session_id: str, request_id: str, result: Any) -> None:
+        if request_id:
+            results = self.applied.setdefault(session_id, OrderedDict())
+            results[request_id] = result
+            results.move_to_end(request_id)
+            while len(results) > RECORDED:
+                results.popitem(last=False)
+
+    def unrecord(self, session_id: str, request_id: str) -> None:
+        self.applied.get(session_id, {}).pop(request_id, None)
+
+    async def log_then_apply(
+        self,
+        session_id: str,
+        request_id: str,
+        entry: Callable[[], replay_pb2.ReplayEntry],
+        apply: Callable[[Fence], Awaitable[R]],
+    ) -> R:
+        """Steps 1-4 for a request whose log entry is known before it runs (a prefill, an audio chunk);
+        `apply(fence)` changes the local state."""
+        async with self.owned(session_id) as fence:
+            done = self.result(session_id, request_id)
+            if done is not None:  # a retry of a request the session already holds
+                return done
+            try:
+                await self._store().append(session_id, self.role, [entry()], fence=fence)
+            except (SessionLimitExceeded, SessionNotFound):
+                raise  # refused before anything was written: state and log still agree
+            except BaseException:
+                self.forget(session_id)  # the write may have landed (reply lost): rebuild from the log
+                raise
+            try:
+                result = await apply(fence)
+            except BaseException:
+                self.forget(session_id)  # the log holds what the state may lack: rebuild on the next request
+                raise
+            self.record(session_id, request_id, result)
+            return result
+
+    async def append_logged(self, fence: Fence, entries: Sequence[replay_pb2.ReplayEntry]) -> None:
+        """Log entries for state already applied (e.g. an answer once it ended); on failure the state is forgotten."""
+        try:
+            await self._store().append(fence.session_id, self.role, entries, fence=fence)
+        except BaseException:
+            self.forget(fence.session_id)  # state and log disagree now: rebuild from the log next time
+            raise
+
+    def discard(self, session_id: str) -> None:
+        """Stop vouching for the local state (it is rebuilt from the log on the next request)."""
+        self.epochs.pop(session_id, None)
+        self.applied.pop(session_id, None)
+
+    def forget(self, session_id: str) -> None:
+        """Discard the session's record and free its local state."""
+        self.discard(session_id)
+        self.drop_state(session_id)
+        lock = self._locks.get(session_id)
+        if lock is not None and not lock.locked():
+            del self._locks[session_id]
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_period_s)
+            try:
+                for sid in await self._store().missing(list(self.epochs)):
+                    self.forget(sid)
+            except Exception as e:  # Redis blip: try again next period; never kill the replica's loop
+                log.warning("%s sweep failed (%s); retrying in %.0f s", self.role, e, self.sweep_period_s)
