@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTO_SRC := $(wildcard protos/minicpmo/v1/*.proto)
 
-.PHONY: setup venv deps proto redis test test-fast run bench k8s-validate lint clean
+.PHONY: setup venv deps proto redis test fuzz run bench k8s-validate lint clean
 
 setup: venv deps proto redis  ## everything a fresh Debian machine needs
 
@@ -27,6 +27,12 @@ redis:
 
 test:
 	$(BIN)/python -m pytest tests -q
+
+# Property-based fuzzing of the public API against a fresh local stack (long campaign; `make test` runs a short one).
+# Writes bench/results/fuzz.json; fails when any case broke a promise, restarted a replica or hurt another caller.
+FUZZ_EXAMPLES ?= 1000
+fuzz:
+	RAY_AUTH_MODE=disabled $(BIN)/python -m tests.fuzz.campaign --examples $(FUZZ_EXAMPLES)
 
 run:
 	$(BIN)/minicpmo serve

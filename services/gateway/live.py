@@ -25,8 +25,9 @@ import base64
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -72,6 +73,7 @@ _STATES = {
     "answered": omni_pb2.SESSION_STATE_IDLE,
     "interrupted": omni_pb2.SESSION_STATE_IDLE,
 }
+T = TypeVar("T")
 HEARTBEAT_S = 1.0  # the running answer extends its turn lease this often (the lease is a few periods)
 
 
@@ -210,7 +212,7 @@ class LiveSessions:
         start the encoders and the chained prefills of `units` and `text`."""
         s.units += len(units)
         starts_input = bool(units or text)
-        prev = await self.records.save_input(sid, s.live_input(), start_turn=starts_input)
+        prev = await self._take_turn(lambda: self.records.save_input(sid, s.live_input(), start_turn=starts_input))
         if prev == "answering":  # took the turn over from an answer whose gateway died: stop it on the LLM
             await self.ctx.stages.interrupt(sid)
         state = prompt_state(prev) if prev is not None else None
@@ -294,7 +296,7 @@ class LiveSessions:
         if tail is not None:
             await tail
         answer_id = request_id()
-        if await self._begin_answer(sid, answer_id) == "answering":  # took over a dead answer
+        if await self._take_turn(lambda: self.records.begin_answer(sid, answer_id)) == "answering":  # a dead answer
             await self.ctx.stages.interrupt(sid)
         prefix = assistant_prefix(self.ctx.tokenizer)
         speech = opts.speech if opts.speech.enabled else None
@@ -323,13 +325,14 @@ class LiveSessions:
             with contextlib.suppress(Exception):
                 await self.records.end_answer(sid, answer_id, final_turn)
 
-    async def _begin_answer(self, sid: str, answer_id: str) -> str:
-        """Take the answering turn. An answer that holds it is either running (then Respond is refused after
-        its lease would have run out) or dead with its gateway (its lease runs out and the turn is taken over)."""
+    async def _take_turn(self, transition: Callable[[], Awaitable[T]]) -> T:
+        """A turn transition that an answer in progress refuses. That answer is either running (then the call is
+        refused once its lease would have run out) or dead with its gateway (its lease runs out and the turn is
+        taken over): so wait, bounded by one lease period."""
         deadline = time.monotonic() + self.records.answer_lease_s + 1.0
         while True:
             try:
-                return await self.records.begin_answer(sid, answer_id)
+                return await transition()
             except InvalidTurn:
                 if time.monotonic() > deadline:
                     raise

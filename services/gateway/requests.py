@@ -18,7 +18,7 @@ from protos.minicpmo.v1 import omni_pb2
 from services.common.audio import SAMPLE_RATE, validate_pcm
 from services.common.generation import SamplingParams
 from services.common.image_layout import ImageProcessorConfig, probe_image
-from services.gateway.prompts import AudioRef, ImageRef, Message, system_prompt
+from services.gateway.prompts import AudioRef, ImageRef, Message, PlainText, system_prompt
 from services.runtime.errors import InvalidArgument, ResourceExhausted
 
 
@@ -192,7 +192,7 @@ def parse_chat(request: omni_pb2.ChatRequest, limits: Limits, image_cfg: ImagePr
             kind = part.WhichOneof("part")
             where = f"messages[{i}].content[{j}]"
             if kind == "text":
-                content.append(check_text(part.text, limits, where))
+                content.append(PlainText(check_text(part.text, limits, where)))  # never control tokens
             elif kind == "image":
                 content.append(image_ref(part.image.data, len(images), image_cfg))
                 images.append(part.image.data)

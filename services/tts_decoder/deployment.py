@@ -34,6 +34,7 @@ from services.runtime import metrics
 from services.runtime.replica import detached, device_alive, limit_threads, off_loop, replica_dtype
 from services.runtime.routing import SessionAffinityReplica
 from services.tts_decoder.streaming import SpeechChunk, StepBatcher
+from services.tts_decoder.text import EmptyTextError
 from services.tts_decoder.streaming import TTSDecoder as SpeechDecoder
 from services.tts_decoder.vocoder import Vocoder as WaveDecoder
 
@@ -132,7 +133,10 @@ class TTSDecoder(SessionAffinityReplica):
                         chunks += await self.batcher.push_text(u.state, text)
                 if ended and spoken:
                     with metrics.stage_timer("tts_finish"):
-                        chunks += await self.batcher.finish(u.state)
+                        try:
+                            chunks += await self.batcher.finish(u.state)
+                        except EmptyTextError:  # the answer's text holds nothing speakable: no speech, no error
+                            pass
                 for i, c in enumerate(chunks):
                     last = ended and i == len(chunks) - 1
                     if sink is u.out:

@@ -12,7 +12,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos.minicpmo.v1 import omni_pb2
 from services.client.sdk import audio, generation_options, image, text, user, video
-from services.gateway.prompts import AudioRef, ImageRef, Message, PlaceholderSettings, build_chat_prompt
+from services.gateway.prompts import (
+    AudioRef,
+    ImageRef,
+    Message,
+    PlaceholderSettings,
+    build_chat_prompt,
+)
 from tests.e2e.media import image_bytes, wav
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis]
@@ -50,12 +56,12 @@ def test_text_chat_streams_deltas_and_final(client):
 def in_process_greedy(model_dir: str, messages: list[Message], images: list[bytes], clips: list[np.ndarray], n: int):
     """The same chat run in this process with the components alone (no Ray, no gRPC): upstream `chat` greedy."""
     from services.audio_encoder.encoder import AudioEmbedder
+    from services.common.generation import GREEDY
+    from services.common.image_layout import ImageProcessorConfig
     from services.gateway.tokenizer import SpecialTokens, load_tokenizer
     from services.llm_core.generate import generate_solo
     from services.llm_core.model import load_llm_model
-    from services.common.generation import GREEDY
     from services.vision_encoder.encoder import ImageEmbedder
-    from services.common.image_layout import ImageProcessorConfig
 
     tok = load_tokenizer(model_dir)
     sp = SpecialTokens.from_tokenizer(tok)
@@ -87,8 +93,9 @@ def test_greedy_pipeline_equals_in_process(served, client, golden):
     clip = wav(golden, "speech.wav")
     question = "Describe the picture and the sound."
     answer = client.chat([user(image(img), audio(clip), text(question))], max_new_tokens=12, greedy=True)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     size = Image.open(io.BytesIO(img)).size
     msgs = [Message("user", [ImageRef(size), AudioRef(len(clip)), question])]

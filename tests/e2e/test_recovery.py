@@ -13,34 +13,23 @@ import asyncio
 from collections import Counter
 
 import pytest
-import ray
 from ray import serve
 
 from protos.minicpmo.v1 import omni_pb2, tensor_pb2
+from services.client.sdk import audio_msg
+from services.gateway.auth import key_hash
 from services.gateway.context import GatewayContext
 from services.gateway.live import LiveSessions
 from services.gateway.requests import Limits
 from services.gateway.sessions import SessionRecords
 from services.gateway.stages import RayStages
-from services.client.sdk import audio_msg
-from services.gateway.auth import key_hash
 from services.runtime.ownership import OwnershipStore
 from tests.e2e.conftest import APP_NAME
 from tests.e2e.media import image_bytes, wav
 from tests.e2e.test_sessions import feed_units, greedy
+from tests.replicas import kill_all, wait_for_replacement
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.slow]
-
-
-def replicas(deployment: str) -> list[str]:
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
-
-
-def kill_all(deployment: str) -> None:
-    names = replicas(deployment)
-    assert names, f"no {deployment} replica found"
-    for name in names:  # one replica owns every session here; with more, the owner is among them
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
 
 def lease_epoch(redis_url: str, sid: str, role: str = "llm") -> int:
@@ -97,10 +86,8 @@ class LosingReplies(RayStages):
         self.repeats: list[tuple[str, bool]] = []
 
     async def _lose(self, deployment: str) -> None:
-        old = set(replicas(deployment))
-        kill_all(deployment)
-        while not set(replicas(deployment)) - old:
-            await asyncio.sleep(0.2)  # polling for the replacement replica
+        old = kill_all(deployment)
+        await asyncio.to_thread(wait_for_replacement, deployment, old)
 
     async def prefill(self, request, pieces):
         if not self.losing:

@@ -240,16 +240,22 @@ def in_process_live_greedy(model_dir: str, ref: np.ndarray, pcm: np.ndarray, fra
     from PIL import Image
 
     from services.audio_encoder.encoder import AudioEmbedder
+    from services.common.generation import GREEDY
+    from services.common.image_layout import ImageProcessorConfig
     from services.gateway.prompts import (
-        AudioRef, ImageRef, Message, PlaceholderSettings, StreamingPromptState, assistant_prefix,
-        build_streaming_prefill, system_prompt,
+        AudioRef,
+        ImageRef,
+        Message,
+        PlaceholderSettings,
+        StreamingPromptState,
+        assistant_prefix,
+        build_streaming_prefill,
+        system_prompt,
     )  # fmt: skip
     from services.gateway.tokenizer import SpecialTokens, load_tokenizer
     from services.llm_core.generate import generate_solo
     from services.llm_core.model import load_llm_model
-    from services.common.generation import GREEDY
     from services.vision_encoder.encoder import ImageEmbedder
-    from services.common.image_layout import ImageProcessorConfig
     from tests.e2e.test_chat import _spread
 
     tok = load_tokenizer(model_dir)

@@ -13,8 +13,8 @@ import torch
 from ray import serve
 
 from protos.minicpmo.v1 import omni_pb2, tts_pb2
-from services.common.tensor_codec import from_proto, to_proto
 from services.client.sdk import generation_options, text, user
+from services.common.tensor_codec import from_proto, to_proto
 from services.tts_decoder.deployment import Vocoder as VocoderDeployment
 from services.tts_decoder.vocoder import Vocoder
 from tests.e2e.conftest import APP_NAME
