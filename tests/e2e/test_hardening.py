@@ -426,3 +426,28 @@ def test_2_loud_audio_is_normalised_or_refused_and_harms_no_one(served, client, 
     assert beside == probe_before
     assert client.health() == health_pb2.HealthCheckResponse.SERVING
     assert changes(actors, serve_actors()) == []
+
+
+def test_refused_requests_log_one_line_and_no_traceback(served, client):
+    """A caller's mistake is one WARNING line in the gateway's log, never an ERROR with a traceback (and the
+    proxy logs nothing for it either)."""
+    import glob
+
+    import ray
+
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    files = glob.glob(f"{logs}/serve/replica_*Gateway*.log") + glob.glob(f"{logs}/serve/proxy_*.log")
+    sizes = {f: len(open(f, "rb").read()) for f in files}
+    marker = f"no-such-session-{time.time_ns()}"
+    with grpc.insecure_channel(served.target) as channel:
+        from protos.minicpmo.v1 import omni_pb2_grpc
+
+        stub = omni_pb2_grpc.MiniCPMOStub(channel)
+        assert refusal(lambda: stub.GetSession(omni_pb2.GetSessionRequest(session_id=marker))).code() == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    assert refusal(lambda: client.get_session(marker)).code() == grpc.StatusCode.NOT_FOUND
+    time.sleep(1.0)  # the replicas' log handlers flush asynchronously
+    new = "".join(open(f, "rb").read()[sizes.get(f, 0) :].decode(errors="replace") for f in files)
+    assert "Traceback" not in new and " ERROR " not in new, new[-3000:]
+    assert sum(1 for line in new.splitlines() if marker in line and "WARNING" in line) == 1, new[-3000:]

@@ -33,3 +33,27 @@ def test_help_lists_every_subcommand_without_importing_them(capsys) -> None:
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in cli.SUBCOMMANDS)
+
+
+def test_stereo_files_are_sent_as_mono_of_the_same_length(tmp_path) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    from services.client.cli import read_audio
+
+    left = np.linspace(-0.5, 0.5, 8000, dtype=np.float32)
+    sf.write(tmp_path / "stereo.wav", np.stack([left, -left], axis=1), 16000, subtype="FLOAT")
+    pcm, rate = read_audio(tmp_path / "stereo.wav")
+    assert rate == 16000 and pcm.shape == (8000,) and np.allclose(pcm, 0.0)
+
+
+@pytest.mark.parametrize("content", [None, b"this is not audio"])
+def test_missing_or_non_audio_files_exit_with_a_message(tmp_path, content) -> None:
+    from services.client.cli import read_audio
+
+    path = tmp_path / "speech.wav"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as done:
+        read_audio(path)
+    assert str(path) in str(done.value) and ("no such file" in str(done.value) or "not a readable" in str(done.value))
