@@ -7,11 +7,17 @@ tokens as the asyncio caller receives them), and the speed-up over 1 session. A 
 prefill one 1-second live unit (~90 rows: `<unit>` + 64 image + 25 audio embeddings) into a session that
 already holds a system prompt, with nobody else on the engine.
 
+Context rows: 16 sessions that each already hold 256 / 1024 / 4096 / 8192 tokens of KV decode together: the
+decode step time (wall and process CPU, ms) and aggregate tokens/s, and the ratio step(4096) / step(256), which
+shows what reading every session's keys costs as contexts grow. Their KV rows are written straight into the
+arena with random values (prefilling 16 x 8192 tokens would take about an hour on one CPU thread; a step's cost
+does not depend on the values).
+
 Answers run with no stop ids and greedy choice so every session produces exactly the same number of tokens
 (random weights would otherwise stop at random); sampling cost is not part of these numbers.
 
 Threads: torch's default (every core) unless `MINICPMO_TORCH_THREADS` is set (a deployed replica uses 1 by
-default, `services.gateway.stage.limit_threads`, because replicas share a node). The "threads" column records
+default, `services.runtime.replica.limit_threads`, because replicas share a node). The "threads" column records
 it. A single decode step is bound by weight reads and barely gains from a second core, while a batched step is
 bound by compute and does, so the batching gain grows with cores. On an oversubscribed CPU, though, several
 OpenMP threads made a 16-row step up to 10x slower (every op waits at a barrier for a descheduled thread):
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
+import itertools
 import os
 import statistics
 import tempfile
@@ -33,31 +39,17 @@ from typing import Any
 import torch
 
 from services.common.config import small_config
-from services.llm_core.engine import LLMEngine
-from services.llm_core.model import LLMModel, build_llm_model, load_llm_model
 from services.common.generation import GREEDY
+from services.llm_core.engine import LLMEngine
+from services.llm_core.engine.cuda_graphs import KERNEL_BLOCK
+from services.llm_core.model import LLMModel, load_llm_model, random_llm_model
 
 SESSION_COUNTS = (1, 4, 16, 64)
 PROMPT_TOKENS = 64
 SYSTEM_PROMPT_TOKENS = 80
 UNIT_TOKENS = 90  # one live unit: <unit> + 64 image rows + <|audio_start|> + 25 audio rows + <|audio_end|> ...
-
-
-def random_llm_model(device: str, dtype: torch.dtype, seed: int = 0) -> LLMModel:
-    """The small config's backbone with random weights (no checkpoint at that size exists)."""
-    model = build_llm_model(small_config(), device=device, dtype=dtype)
-    model.llm.to_empty(device=device)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.llm.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif p.dim() == 2 and "embed" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if p.dim() == 1 else 1.0))
-    model.materialize_buffers()
-    return model.to(dtype)
+CONTEXT_TOKENS = (256, 1024, 4096, 8192)
+CONTEXT_SESSIONS = 16
 
 
 def tiny_model_dir() -> Path:
@@ -75,7 +67,7 @@ def load_config(name: str, device: str) -> LLMModel:
     if name == "tiny":
         return load_llm_model(tiny_model_dir(), device=device, dtype=dtype)
     if name == "small":
-        return random_llm_model(device, dtype)
+        return random_llm_model(small_config(), device=device, dtype=dtype)
     raise ValueError(f"unknown bench config {name!r} (tiny, small)")
 
 
@@ -108,7 +100,7 @@ async def decode_run(engine: LLMEngine, model: LLMModel, sessions: int, new_toke
     # decode phase: from the moment every session had its first token to the last token
     decode_start = max(t[0] for t in stamps)
     decode_tokens = sum(sum(1 for x in t if x > decode_start) for t in stamps)
-    gaps = sorted(b - a for t in stamps for a, b in zip(t, t[1:]))
+    gaps = sorted(b - a for t in stamps for a, b in itertools.pairwise(t))
     return {
         "tokens": sum(len(t) for t in stamps),
         "wall_s": end - start,
@@ -141,13 +133,68 @@ def median_run(engine: LLMEngine, model: LLMModel, sessions: int, new_tokens: in
     return {**runs[len(runs) // 2], "reps": reps}
 
 
+def fill_context(engine: LLMEngine, session_id: str, tokens: int, gen: torch.Generator) -> None:
+    """Give a new session `tokens` rows of random KV, straight into the arena (before the engine starts)."""
+    engine.kv.create(session_id)
+    engine.kv.reserve(session_id, tokens)
+    engine.arena.apply(engine.kv.pop_ops())
+    rows = slice(engine.kv.offset(session_id), engine.kv.offset(session_id) + tokens)
+    for t in (engine.arena.k, engine.arena.v):
+        t[:, :, rows] = torch.randn(t[:, :, rows].shape, generator=gen).to(t.device, t.dtype)
+    engine.kv.commit(session_id, tokens)
+
+
+async def context_decode(engine: LLMEngine, model: LLMModel, sids: list[str], new_tokens: int) -> dict[str, Any]:
+    """Every session answers from its context; times the steps after all have their first token."""
+    prefix = model.embed_tokens(torch.tensor([1]))
+    params = GREEDY.with_(max_new_tokens=new_tokens)
+    stamps: list[list[tuple[float, float]]] = []
+
+    async def answer(sid: str) -> None:
+        times = []
+        async for _ in engine.generate(sid, prefix, params):
+            times.append((time.perf_counter(), time.process_time()))
+        stamps.append(times)
+
+    await asyncio.gather(*(answer(s) for s in sids))
+    wall0, cpu0 = max(t[0] for t in stamps)
+    wall1, cpu1 = max(t[-1] for t in stamps)
+    steps = new_tokens - 1
+    return {
+        "step_ms": 1e3 * (wall1 - wall0) / steps,
+        "step_cpu_ms": 1e3 * (cpu1 - cpu0) / steps,
+        "agg_tok_s": len(sids) * steps / (wall1 - wall0),
+    }
+
+
+def bench_context(model: LLMModel, head: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
+    new_tokens = 8 if quick else 24
+    rows = []
+    for ctx in CONTEXT_TOKENS:
+        engine = LLMEngine(
+            model, CONTEXT_SESSIONS * (ctx + 128), max_batch_tokens=1024, stop_ids=(), max_session_tokens=ctx + 128
+        )
+        gen = torch.Generator().manual_seed(ctx)
+        sids = [f"ctx-{ctx}-{i}" for i in range(CONTEXT_SESSIONS)]
+        for sid in sids:
+            fill_context(engine, sid, ctx, gen)
+        engine.start()
+        try:
+            runs = [asyncio.run(context_decode(engine, model, sids, new_tokens)) for _ in range(1 if quick else 3)]
+        finally:
+            engine.stop()
+        best = min(runs, key=lambda r: r["step_cpu_ms"])  # the least disturbed run on a shared machine
+        rows.append({**head, "sessions": CONTEXT_SESSIONS, "context_tokens": ctx, **best, "reps": len(runs)})
+    return rows
+
+
 def bench_config(name: str, device: str, quick: bool) -> list[dict[str, Any]]:
     model = load_config(name, device)
     new_tokens = 8 if quick else 32
     reps = 1 if quick else 3
     counts = SESSION_COUNTS
-    budget = max(counts) * (PROMPT_TOKENS + 11 + new_tokens + 16)
-    engine = LLMEngine(model, kv_budget_tokens=budget, max_batch_tokens=1024, stop_ids=())
+    per_session = -(-(PROMPT_TOKENS + 11 + new_tokens) // KERNEL_BLOCK) * KERNEL_BLOCK  # whole arena blocks
+    engine = LLMEngine(model, kv_budget_tokens=max(counts) * per_session, max_batch_tokens=1024, stop_ids=())
     engine.start()
     rows: list[dict[str, Any]] = []
     head = {"config": name, "device": device, "threads": torch.get_num_threads()}
@@ -162,6 +209,8 @@ def bench_config(name: str, device: str, quick: bool) -> list[dict[str, Any]]:
         rows.append({**head, "sessions": 1, **unit})
     finally:
         engine.stop()
+    if name == "small":
+        rows += bench_context(model, head, quick)
     return rows
 
 
@@ -176,4 +225,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         ok = small16[0]["speedup_vs_1"] >= 8
         print(f"TARGET (cpu, small): 16 sessions >= 8x the tokens/s of 1: {small16[0]['speedup_vs_1']:.1f}x "
               f"{'met' if ok else 'NOT met'}")
+    context = {r["context_tokens"]: r for r in rows if r["config"] == "small" and "context_tokens" in r}
+    if 256 in context and 4096 in context:
+        ratio = context[4096]["step_cpu_ms"] / context[256]["step_cpu_ms"]
+        for r in context.values():
+            r["step_vs_256"] = r["step_cpu_ms"] / context[256]["step_cpu_ms"]
+        print(f"TARGET (small, 16 sessions): decode step at 4096 tokens of context <= 2x the step at 256 (CPU time): "
+              f"{ratio:.2f}x {'met' if ratio <= 2 else 'NOT met'}")
     return rows

@@ -108,9 +108,9 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         limit_threads()
         self.model = load_llm_model(model_dir, device=device, dtype=replica_dtype(device))
         self.max_session_tokens = max_session_tokens
-        self.engine = LLMEngine(
-            self.model, kv_budget_tokens, max_batch_tokens, stop_ids=(), max_session_tokens=max_session_tokens
-        )  # an evicted session has no state: its next request rebuilds it (SessionStage.owned)
+        # stop ids come with each request; an evicted session has no state: its next request rebuilds it
+        self.engine = LLMEngine(self.model, kv_budget_tokens, max_batch_tokens, stop_ids=(),
+                                max_session_tokens=max_session_tokens)  # fmt: skip
         self.engine.start()
         store = OwnershipStore.from_url(redis_url, ttl_s=session_ttl_s, max_tokens=max_session_tokens) if redis_url else None
         super().__init__(store, replica_id())
@@ -124,7 +124,7 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         metrics.QUEUE_DEPTH.set(stats["queue_depth"], tags={"stage": "llm"})
         metrics.KV_TOKENS.set(stats["kv_tokens_used"])
         metrics.KV_SESSIONS.set(stats["sessions"])
-        metrics.KV_FREE_TOKENS.set(stats["kv_tokens_budget"] - stats["kv_tokens_reserved"])
+        metrics.KV_FREE_TOKENS.set(stats["kv_tokens_free"])
 
     def _start_reporting(self) -> None:
         if self._reporter is None:
@@ -167,7 +167,6 @@ class LLMCore(SessionStage, SessionAffinityReplica):
     ) -> AsyncIterator[llm_pb2.GenerateEvent]:
         self._start_reporting()
         params = sampling_params(request.sampling)
-        self.engine.stop_ids = frozenset(request.stop_ids)  # INTERIM: until the engine takes stop ids per request
         embeds = self.embed(request.input, encoded)
         sid, rid = request.session_id, request.request_id
         if request.ephemeral:
@@ -214,7 +213,7 @@ class LLMCore(SessionStage, SessionAffinityReplica):
     ) -> AsyncIterator[llm_pb2.GenerateEvent]:
         spk = request.spk_position if request.spk_position >= 0 else None
         first = True
-        async for ev in self.engine.generate(sid, embeds, params, spk_position=spk):
+        async for ev in self.engine.generate(sid, embeds, params, spk_position=spk, stop_ids=request.stop_ids):
             msg = llm_pb2.GenerateEvent()
             if ev.token_id is not None:
                 msg.token_ids.append(ev.token_id)
@@ -312,8 +311,11 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         return results
 
     def check_health(self) -> None:
+        """Unhealthy (Serve replaces the replica) when the engine loop stopped or its numerics canary moved: a
+        replica that can no longer compute correct results must not keep serving."""
         if not self.engine.is_alive():
             raise RuntimeError("LLM engine loop is not running")
+        self.engine.check_numerics()
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -1,4 +1,4 @@
-"""Solo reference generation: one sequence, a transformers DynamicCache, no batching.
+"""Solo reference generation: one sequence, the model's own forward over a contiguous `SoloCache`, no batching.
 
 This is the yardstick the engine's batched results are compared with (per-session results must equal a solo
 run), and what the parity tests drive against upstream's `llm.generate`. Semantics as upstream: the prompt is
@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
 
-from services.llm_core.model import LLMModel
 from services.common.generation import SamplingParams
-from services.llm_core.sampling import sample_next
+from services.llm_core.model import LLMModel, SoloCache
+from services.llm_core.sampling import NON_FINITE, NonFiniteScoresError, sample_next
 
 
 @dataclass
@@ -25,7 +24,7 @@ class SoloResult:
     step_logits: torch.Tensor  # (len(ids), V) raw logits that chose each id
     prompt_hidden: torch.Tensor  # (T, D) last-layer hidden states of the prompt forward
     spk_hidden: torch.Tensor | None  # (D,) hidden state at `spk_position` of the prompt, if asked
-    cache: DynamicCache  # the sequence's KV: past + prompt + ids[:-1]
+    cache: SoloCache  # the sequence's KV: past + prompt + ids[:-1]
     stopped: bool  # ended on a stop id (False: max_new_tokens reached)
 
 
@@ -36,7 +35,7 @@ def generate_solo(
     params: SamplingParams,
     stop_ids: Sequence[int],
     spk_position: int | None = None,
-    cache: DynamicCache | None = None,
+    cache: SoloCache | None = None,
     generator: torch.Generator | None = None,
     history: Sequence[int] = (),
 ) -> SoloResult:
@@ -47,9 +46,8 @@ def generate_solo(
     """
     cache = cache if cache is not None else model.new_cache()
     generator = generator if generator is not None else params.make_generator(inputs_embeds.device)
-    logits, hidden = model.step(inputs_embeds, cache)
+    step_logits, hidden = model.step(inputs_embeds, cache, last_only=True)
     spk_hidden = hidden[spk_position].clone() if spk_position is not None else None
-    step_logits = logits[-1:]
     generated = list(history)
     ids: list[int] = []
     all_logits: list[torch.Tensor] = []
@@ -58,6 +56,8 @@ def generate_solo(
     while True:
         all_logits.append(step_logits[0])
         next_id = int(sample_next(step_logits, params, [generated], [generator], stop_ids)[0])
+        if next_id == NON_FINITE:
+            raise NonFiniteScoresError("the model produced non-finite scores (NaN or inf logits) for this request")
         ids.append(next_id)
         generated.append(next_id)
         if next_id in stops:

@@ -13,9 +13,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import Qwen2ForCausalLM
+from transformers.cache_utils import DynamicCache
 
-from services.common.checkpoint import UNUSED_AT_INFERENCE
-from services.common.config import real_config
+from services.common.checkpoint import UNUSED_AT_INFERENCE, CheckpointReader
+from services.common.config import ModelConfig, real_config
+from services.common.generation import GREEDY
+from services.common.image_layout import ImageProcessorConfig
+from services.gateway.detokenize import IncrementalDetokenizer
 from services.gateway.prompts import (
     AudioRef,
     ImageRef,
@@ -29,11 +34,17 @@ from services.gateway.prompts import (
     system_prompt,
 )
 from services.gateway.tokenizer import SpecialTokens, load_tokenizer
-from services.llm_core.detokenize import IncrementalDetokenizer
+from services.llm_core.engine.attention import ArenaAttention, SeqSpan
+from services.llm_core.engine.kv_cache import KVAllocator, KVArena
 from services.llm_core.generate import generate_solo
-from services.llm_core.model import LLMModel, build_llm_model, load_llm_model, random_llm_model, sequential_pieces
-from services.common.generation import GREEDY
-from services.vision_encoder.processor import ImageProcessorConfig
+from services.llm_core.model import (
+    LLMModel,
+    build_llm_model,
+    checkpoint_layout,
+    load_llm_model,
+    random_llm_model,
+    sequential_pieces,
+)
 
 E_CASES = ["e1_text_only", "e2_image_text", "e3_audio_text", "e4_omni_units"]
 
@@ -238,42 +249,76 @@ def test_tokenizer(golden, tokenizer):
 
 
 def test_official_keys_at_real_size(golden):
-    """At the real config (meta device) the backbone's state dict is exactly the official `llm.` tensors."""
+    """At the real config (meta device) the backbone reads exactly the official `llm.` tensors, each once, and the
+    pieces it stacks into a fused parameter fill it exactly."""
     official = json.loads((golden.root / "official_keys.json").read_text())["shapes"]
     expected = {
         k: tuple(v) for k, v in official.items() if k.startswith("llm.") and not k.startswith(tuple(UNUSED_AT_INFERENCE))
     }
     model = build_llm_model(real_config(), device="meta")
-    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert got == expected
+    layout = checkpoint_layout(model)
+    assert {k: shape for k, (_, _, shape) in layout.items()} == expected
+    filled: dict[str, int] = {}
+    for name, row, shape in sorted(layout.values(), key=lambda x: (x[0], x[1])):
+        assert row == filled.get(name, 0), name  # pieces follow each other with no gap or overlap
+        filled[name] = row + shape[0]
+    assert filled == {name: p.shape[0] for name, p in model.named_parameters()}
+    assert "layers.0.self_attn.qkv_proj.weight" in filled and "layers.0.mlp.gate_up_proj.weight" in filled
 
 
-def test_batched_prefill_and_decode_equal_solo(golden, model):
-    """Right-padded prompts of different lengths in one forward, then one batched decode step, match the
-    solo references of every case (same golden rules)."""
+def transformers_reference(golden) -> Qwen2ForCausalLM:
+    """transformers' own Qwen2ForCausalLM (SDPA) with the checkpoint's `llm.` weights, unfused."""
+    model = build_llm_model(ModelConfig.from_model_dir(golden.checkpoint))
+    ref = Qwen2ForCausalLM(model.config)
+    state = CheckpointReader(golden.checkpoint).load(["llm."], dtype=torch.float32, strip="llm.")
+    ref.load_state_dict(state, strict=True)
+    return ref.eval()
+
+
+def test_forward_equals_transformers_qwen2(golden):
+    """Our fused forward (plain F.linear and oneDNN-prepacked) against transformers' Qwen2ForCausalLM on the same
+    weights: a prompt, a chunk after it, then decode steps, logits and last hidden states."""
+    ref = transformers_reference(golden)
+    prompt = golden["e.e2_image_text.inputs_embeds"]
+    chunk = golden["e.e1_text_only.inputs_embeds"][:7]
+    fed = golden["e.e1_text_only.generated_ids"][:3]
+    for prepack in (False, True):
+        ours = load_llm_model(golden.checkpoint, prepack=prepack)
+        cache, hf_cache = ours.new_cache(), DynamicCache(config=ref.config)
+        for embeds in [prompt, chunk, *(ours.embed(fed[i : i + 1]) for i in range(len(fed)))]:
+            logits, hidden = ours.step(embeds, cache)
+            with torch.inference_mode():
+                out = ref(inputs_embeds=embeds[None], past_key_values=hf_cache, use_cache=True, output_hidden_states=True)
+            torch.testing.assert_close(logits, out.logits[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(hidden, out.hidden_states[-1][0], rtol=1e-4, atol=1e-4)
+        assert cache.get_seq_length() == hf_cache.get_seq_length() == len(prompt) + len(chunk) + len(fed)
+
+
+def test_packed_prefill_and_decode_of_several_sessions_equal_solo(golden, model):
+    """Every case's prompt packed into one forward over the engine's KV arena (each row attending to its own
+    session only), then one batched decode step, match the solo references (same golden rules)."""
     embeds = [golden[f"e.{c}.inputs_embeds"] for c in E_CASES]
     lens = [e.shape[0] for e in embeds]
-    T, B = max(lens), len(embeds)
-    batch = torch.zeros(B, T, model.hidden_size)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, e in enumerate(embeds):
-        batch[b, : lens[b]] = e
-        mask[b, : lens[b]] = 1
-    cache = model.new_cache()
-    out = model.forward(batch, cache=cache, attention_mask=mask)
+    kv = KVAllocator(num_blocks=64, block_size=16)
+    arena = KVArena(model.cfg.num_hidden_layers, 64, 16, model.cfg.num_key_value_heads, model.cfg.head_dim,
+                    torch.float32, "cpu")  # fmt: skip
+    attn = ArenaAttention(arena)
+    rows = [sum(lens[:b]) for b in range(len(lens))]
+    for b, n in enumerate(lens):
+        kv.create(E_CASES[b])
+        kv.reserve(E_CASES[b], n + 1)
+    attn.prepare([SeqSpan(row, n, kv.offset(c), 0) for row, n, c in zip(rows, lens, E_CASES)])
+    hidden = model.forward(torch.cat(embeds), torch.cat([torch.arange(n) for n in lens]), attn)
+    logits = model.compute_logits(hidden)
     for b, case in enumerate(E_CASES):
-        n = lens[b]
-        golden.check(f"e.{case}.logits_last8", out.logits[b, n - 8 : n])
-        golden.check(f"e.{case}.last_hidden_state", out.hidden[b, :n])
+        golden.check(f"e.{case}.logits_last8", logits[rows[b] + lens[b] - 8 : rows[b] + lens[b]])
+        golden.check(f"e.{case}.last_hidden_state", hidden[rows[b] : rows[b] + lens[b]])
     first = torch.stack([golden[f"e.{c}.generated_ids"][0] for c in E_CASES])
-    step_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
-    step = model.forward(
-        model.embed_tokens(first).unsqueeze(1), cache=cache, attention_mask=step_mask,
-        position_ids=torch.tensor(lens).unsqueeze(1),
-    )
+    attn.prepare([SeqSpan(b, 1, kv.offset(c), n) for b, (n, c) in enumerate(zip(lens, E_CASES))])
+    step = model.compute_logits(model.forward(model.embed(first), torch.tensor(lens), attn))
     for b, case in enumerate(E_CASES):
         ref = golden[f"e.{case}.generated_step_logits"]
-        err = (step.logits[b, 0] - ref[1]).abs().max().item()
+        err = (step[b] - ref[1]).abs().max().item()
         assert err <= golden.specs[f"e.{case}.generated_step_logits"]["compare"]["atol"], (case, err)
 
 
@@ -282,22 +327,22 @@ def test_batched_prefill_and_decode_equal_solo(golden, model):
 
 @pytest.fixture(scope="module")
 def vision(golden):
-    from services.vision_encoder.encoder import VisionEncoder
+    from services.vision_encoder.encoder import ImageEmbedder
 
-    return VisionEncoder(golden.checkpoint)
+    return ImageEmbedder.from_checkpoint(golden.checkpoint)
 
 
 @pytest.fixture(scope="module")
 def audio(golden):
-    from services.audio_encoder.encoder import AudioEncoder
+    from services.audio_encoder.encoder import AudioEmbedder
 
-    return AudioEncoder(golden.checkpoint)
+    return AudioEmbedder.from_checkpoint(golden.checkpoint)
 
 
 def encoder_pieces(golden, prompt, vision, audio, max_slice_nums, stream=None):
     """Pieces from the real encoders: images sliced as the prompt says, audio clips joined per message
     (offline), or chunk by chunk through a Whisper stream state (streaming)."""
-    from services.audio_encoder.processor import join_parts
+    from services.common.audio import join_parts
 
     pieces, tgt_sizes = [], None
     if prompt.images:

@@ -1,6 +1,6 @@
 """The continuous-batching engine on the golden checkpoint: every session's results equal its solo run.
 
-Solo = `generate_solo` / `LLMModel.step` on a transformers DynamicCache, one sequence at a time. Prompts come
+Solo = `generate_solo` / `LLMModel.step` on a contiguous `SoloCache`, one sequence at a time. Prompts come
 from the tokenizer (texts and the streaming prefixes) and from the golden streaming case's input embeddings.
 """
 
@@ -13,18 +13,22 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from services.common.generation import GREEDY, SamplingParams
 from services.gateway.tokenizer import SpecialTokens, load_tokenizer
 from services.llm_core.engine import (
     EngineFullError,
     EngineInputError,
     GenEvent,
     LLMEngine,
+    NonFiniteScoresError,
+    NumericsCheckError,
+    SessionBusyError,
     SessionDroppedError,
     SessionStateError,
 )
 from services.llm_core.generate import generate_solo
 from services.llm_core.model import LLMModel, load_llm_model
-from services.common.generation import GREEDY, SamplingParams
+from services.runtime.errors import Internal
 
 ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>"
 NEXT_TURN = "<|im_end|>\n<|im_start|>user\n"
@@ -44,6 +48,12 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def model(golden) -> LLMModel:
     return load_llm_model(golden.checkpoint)
+
+
+@pytest.fixture(scope="module")
+def plain_model(golden) -> LLMModel:
+    """The same weights with F.linear projections (the GPU path) instead of oneDNN-prepacked ones."""
+    return load_llm_model(golden.checkpoint, prepack=False)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +124,13 @@ def make_engine(model: LLMModel, special: SpecialTokens, **kw) -> LLMEngine:
 
 
 @pytest.mark.parametrize("prepack", [True, False], ids=["prepacked", "plain"])
-def test_golden_streaming_session_through_the_engine_with_batch_mates(golden, model, tok, special, prepack):
+def test_golden_streaming_session_through_the_engine_with_batch_mates(
+    golden, model, plain_model, tok, special, prepack
+):
     """Case f: 3 prefills, assistant prefix, 12 greedy ids and the <|spk|> hidden state, while 2 other sessions
-    prefill and decode in the same forward passes. Both projection paths of the runner (oneDNN-prepacked
-    weights, the CPU default, and the modules' own F.linear, the GPU path)."""
+    prefill and decode in the same forward passes. Both projection paths of the model (oneDNN-prepacked
+    weights, the CPU default, and F.linear, the GPU path)."""
+    model = model if prepack else plain_model
     case = golden.cases["f_streaming_session"]
     n_new = len(golden["f.generated_ids"])
     prefix = model.embed(golden["f.assistant_prefix_ids"])
@@ -129,8 +142,8 @@ def test_golden_streaming_session_through_the_engine_with_batch_mates(golden, mo
         ]
         for i in range(2)
     }
-    engine = make_engine(model, special, prepack_weights=prepack)
-    assert engine.runner.prepacked == prepack
+    engine = make_engine(model, special)
+    assert model.prepacked == prepack
     try:
 
         async def golden_session() -> tuple[list[int], list[GenEvent]]:
@@ -289,7 +302,7 @@ def test_kv_budget_exhaustion_refuses_or_evicts_idle_sessions(model, tok, specia
         async def main():
             await engine.prefill("a", first)
             if not evict_idle:
-                with pytest.raises(EngineFullError, match="KV pool full"):
+                with pytest.raises(EngineFullError, match="KV arena full"):
                     await engine.prefill("b", second)
                 assert engine.kv_len("a") == len(first) and not engine.has_session("b")
                 return
@@ -364,3 +377,125 @@ def test_stopping_the_engine_fails_running_answers(model, tok, special):
                 engine.stop()
 
     asyncio.run(main())
+
+
+def test_a_non_finite_row_fails_only_its_own_request(model, tok, special):
+    """A session whose assistant prefix carries a NaN row (what a broken encoder output would bring) fails with
+    NonFiniteScoresError (INTERNAL) in the middle of three innocent sessions' answers, which equal their solo runs;
+    its KV keeps the length it had. A prefill of such rows fails the same way."""
+    prefix = embed_text(model, tok, ASSISTANT)
+    poisoned = prefix.clone()
+    poisoned[3, :7] = float("nan")
+    innocent = {
+        f"ok{i}": [
+            embed_text(model, tok, user_turn(TEXTS[i])),
+            Generate(prefix, (GREEDY if i % 2 else SamplingParams(seed=i)).with_(max_new_tokens=12)),
+        ]
+        for i in range(3)
+    }
+    prompt = embed_text(model, tok, user_turn(TEXTS[5]))
+    engine = make_engine(model, special, stop_ids=())
+    try:
+
+        async def broken(answering: asyncio.Event) -> Exception:
+            await engine.prefill("bad", prompt)
+            await answering.wait()  # the innocent sessions are decoding: the bad row shares their steps
+            with pytest.raises(NonFiniteScoresError) as err:
+                async for _ in engine.generate("bad", poisoned, GREEDY.with_(max_new_tokens=50)):
+                    pass
+            return err.value
+
+        async def main():
+            answering = asyncio.Event()
+            runs = [engine_run(engine, sid, turns, answering) for sid, turns in innocent.items()]
+            error, *answers = await asyncio.gather(broken(answering), *runs)
+            with pytest.raises(NonFiniteScoresError, match="non-finite hidden states"):
+                await engine.prefill("bad-prefill", poisoned)
+            return error, answers
+
+        error, answers = asyncio.run(main())
+        bad_kv = engine.kv_len("bad")
+    finally:
+        engine.stop()
+    assert isinstance(error, Internal) and "non-finite scores" in str(error) and "'bad'" in str(error)
+    assert bad_kv == len(prompt)
+    for (sid, turns), got in zip(innocent.items(), answers):
+        assert got == solo_run(model, turns, ()), sid
+
+
+def test_replace_session_switches_to_a_context_built_beside_it(model, tok, special):
+    """The lead's trim/rebuild switch: build the new context under another id, then swap it in atomically."""
+    long = embed_text(model, tok, user_turn(TEXTS[4] + TEXTS[6]))
+    trimmed = embed_text(model, tok, user_turn(TEXTS[6]))
+    prefix = embed_text(model, tok, ASSISTANT)
+    engine = make_engine(model, special, stop_ids=(), block_size=16)
+    try:
+
+        async def main():
+            await engine.prefill("live", long)
+            await engine.prefill("live~rebuilt", trimmed)
+            assert engine.replace_session("live", "live~rebuilt") == len(trimmed)
+            assert not engine.has_session("live~rebuilt") and engine.kv_len("live") == len(trimmed)
+            stats = engine.stats()
+            ids = [ev.token_id async for ev in engine.generate("live", prefix, GREEDY.with_(max_new_tokens=8))]
+            stream = engine.generate("live", prefix, GREEDY.with_(max_new_tokens=10_000))
+            await anext(stream)
+            with pytest.raises(SessionBusyError):
+                engine.replace_session("other", "live")
+            await stream.aclose()
+            with pytest.raises(SessionStateError, match="no KV"):
+                engine.replace_session("live", "ghost")
+            return stats, ids
+
+        stats, ids = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert ids == solo_run(model, [trimmed, Generate(prefix, GREEDY.with_(max_new_tokens=8))], ())[0]
+    reserved = -(-len(trimmed) // 16) * 16
+    assert stats["sessions"] == 1 and stats["kv_tokens_used"] == len(trimmed)
+    assert stats["kv_tokens_reserved"] == reserved and stats["kv_tokens_free"] == stats["kv_tokens_budget"] - reserved
+
+
+def test_sessions_moving_in_a_tight_arena_still_equal_their_solo_runs(model, tok, special):
+    """Eight sessions growing side by side in an arena with little room: runs blocked by a neighbour move (or the
+    arena compacts) between steps, and every answer still equals its solo run."""
+    prefix = embed_text(model, tok, ASSISTANT)
+    sessions = {
+        f"s{i}": [
+            embed_text(model, tok, user_turn(TEXTS[i])),
+            Generate(prefix, GREEDY.with_(max_new_tokens=10 + i)),
+            embed_text(model, tok, user_turn(TEXTS[(i + 3) % len(TEXTS)], after=NEXT_TURN)),
+            Generate(prefix, SamplingParams(seed=i, max_new_tokens=6)),
+        ]
+        for i in range(8)
+    }
+    engine = make_engine(model, special, stop_ids=(), kv_budget_tokens=16 * 48, block_size=16, evict_idle=False)
+    try:
+
+        async def main():
+            return await asyncio.gather(*(engine_run(engine, sid, turns) for sid, turns in sessions.items()))
+
+        results = asyncio.run(main())
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    assert stats["kv_moves"] > 0 and stats["evictions"] == 0
+    for (sid, turns), answers in zip(sessions.items(), results):
+        assert answers == solo_run(model, turns, ()), sid
+
+
+def test_numerics_canary_catches_bad_weights(golden, special):
+    model = load_llm_model(golden.checkpoint)  # its own copy: the test damages it
+    engine = make_engine(model, special)
+    try:
+        engine.check_numerics()
+        with torch.no_grad():
+            model.norm.weight.mul_(1.5)
+            with pytest.raises(NumericsCheckError, match="moved"):
+                engine.check_numerics()
+            model.norm.weight[0] = float("nan")
+            with pytest.raises(NumericsCheckError, match="not finite"):
+                engine.check_numerics()
+    finally:
+        engine.stop()
+

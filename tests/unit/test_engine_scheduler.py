@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-
-from services.llm_core.engine.kv_cache import BlockManager, EngineFullError
-from services.llm_core.engine.scheduler import ContextLengthError, Scheduler, SessionStateError
+from services.llm_core.engine.kv_cache import EngineFullError, KVAllocator
+from services.llm_core.engine.scheduler import (
+    ContextLengthError,
+    Scheduler,
+    SessionStateError,
+)
 
 
 def make(num_blocks=64, block_size=4, max_batch_tokens=16, max_session_tokens=1000, evict_idle=True):
-    return Scheduler(BlockManager(num_blocks, block_size), max_batch_tokens, max_session_tokens, evict_idle)
+    return Scheduler(KVAllocator(num_blocks, block_size), max_batch_tokens, max_session_tokens, evict_idle)
 
 
 def run_step(s: Scheduler):
@@ -43,7 +45,7 @@ def test_long_prefill_is_chunked_across_steps_with_kv_offsets():
         chunks.append((c.start, c.n, c.kv_start, c.last))
     assert chunks == [(0, 8, 0, False), (8, 8, 8, False), (16, 4, 16, True)]
     s.finish(r)
-    assert s.blocks.num_tokens("a") == 20 and not s.has_work() and s.is_idle("a")
+    assert s.kv.num_tokens("a") == 20 and not s.has_work() and s.is_idle("a")
 
 
 def test_requests_of_one_session_run_in_order():
@@ -54,7 +56,7 @@ def test_requests_of_one_session_run_in_order():
     assert [c.request for c in batch.prefills] == [first]
     s.finish(first)
     assert [(c.request, c.kv_start) for c in run_step(s).prefills] == [(second, 4)]
-    assert s.blocks.num_tokens("a") == 8
+    assert s.kv.num_tokens("a") == 8
 
 
 def test_expected_kv_len_mismatch_fails_the_request_with_a_rebuild_hint():
@@ -63,7 +65,7 @@ def test_expected_kv_len_mismatch_fails_the_request_with_a_rebuild_hint():
     batch = s.schedule()
     ((failed, err),) = batch.failed
     assert failed is r and isinstance(err, SessionStateError) and "rebuild" in str(err)
-    assert not s.blocks.has("ghost") and not s.has_work()
+    assert not s.kv.has("ghost") and not s.has_work()
 
     s.add("a", 4, decode=False)
     run_step(s)
@@ -88,11 +90,11 @@ def test_full_pool_evicts_idle_sessions_least_recently_used_first():
         r = s.add(sid, 8, decode=False)
         run_step(s)
         s.finish(r)
-    s.blocks.touch("newer")
+    s.kv.touch("newer")
     s.add("c", 8, decode=False)
     batch = run_step(s)
     assert batch.evicted == ["old"] and s.evictions == 1
-    assert not s.blocks.has("old") and s.blocks.has("newer") and s.blocks.num_tokens("c") == 8
+    assert not s.kv.has("old") and s.kv.has("newer") and s.kv.num_tokens("c") == 8
 
 
 def test_busy_sessions_are_never_evicted_and_the_newcomer_fails_clearly():
@@ -103,8 +105,8 @@ def test_busy_sessions_are_never_evicted_and_the_newcomer_fails_clearly():
     batch = s.schedule()
     # the pool is exactly full: busy's next decode row and the newcomer both fail, busy keeps its KV
     assert [(r.session_id, type(e)) for r, e in batch.failed] == [("busy", EngineFullError), ("new", EngineFullError)]
-    assert s.blocks.num_tokens("busy") == 16
-    assert not s.blocks.has("new")  # a new session that never got KV leaves nothing behind
+    assert s.kv.num_tokens("busy") == 16
+    assert not s.kv.has("new")  # a new session that never got KV leaves nothing behind
 
 
 def test_without_eviction_a_full_pool_refuses_new_work():
@@ -115,7 +117,7 @@ def test_without_eviction_a_full_pool_refuses_new_work():
     s.add("b", 1, decode=False)
     ((_, err),) = s.schedule().failed
     assert isinstance(err, EngineFullError)
-    assert s.blocks.num_tokens("a") == 8 and s.evictions == 0
+    assert s.kv.num_tokens("a") == 8 and s.evictions == 0
 
 
 def test_drop_returns_pending_requests_and_frees_kv():
@@ -124,7 +126,7 @@ def test_drop_returns_pending_requests_and_frees_kv():
     run_step(s)
     r2 = s.add("a", 4, decode=True)
     assert s.drop("a") == [r1, r2] and r1.finished and r2.finished
-    assert not s.blocks.has("a") and s.blocks.free_blocks == 64 and not s.has_work()
+    assert not s.kv.has("a") and s.kv.free_blocks == 64 and not s.has_work()
 
 
 def test_stats_count_decoding_prefilling_and_waiting():
@@ -147,7 +149,7 @@ def test_abort_all_retires_every_request_and_keeps_committed_kv():
     run_step(s)  # a's prefix (2 rows) and the first 2 rows of b
     pending = s.abort_all()
     assert pending[:2] == [r1, r2] and all(r.finished for r in pending) and not s.has_work()
-    assert (s.blocks.num_tokens("a"), s.blocks.num_tokens("b"), s.blocks.has("c")) == (6, 2, False)
+    assert (s.kv.num_tokens("a"), s.kv.num_tokens("b"), s.kv.has("c")) == (6, 2, False)
 
 
 def run_step_request(s: Scheduler, sid: str, n: int):

@@ -1,4 +1,5 @@
-"""Sampling: our batched implementation against transformers' own logits processors (what upstream runs)."""
+"""Sampling: our batched implementation against transformers' own logits processors (what upstream runs), batch
+independence of seeded rows, and rows with non-finite logits."""
 
 from __future__ import annotations
 
@@ -11,8 +12,20 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from services.common.generation import CHAT_DEFAULTS, GREEDY, STREAMING_DEFAULTS, SamplingError, SamplingParams
-from services.llm_core.sampling import apply_repetition_penalty, sample_next, top_k_top_p_filter
+from services.common.generation import (
+    CHAT_DEFAULTS,
+    GREEDY,
+    MAX_TEMPERATURE,
+    STREAMING_DEFAULTS,
+    SamplingError,
+    SamplingParams,
+)
+from services.llm_core.sampling import (
+    NON_FINITE,
+    apply_repetition_penalty,
+    candidates,
+    sample_next,
+)
 
 
 def hf_processed(logits: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:
@@ -33,22 +46,35 @@ def test_upstream_defaults():
     assert STREAMING_DEFAULTS.max_new_tokens == 512 and CHAT_DEFAULTS.max_new_tokens == 2048
 
 
-@pytest.mark.parametrize("top_k,top_p", [(100, 0.8), (5, 1.0), (0, 0.5), (1, 0.8), (40, 0.95)])
-def test_filter_equals_transformers(top_k, top_p):
+def our_filtered(logits: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:
+    """One row through our penalty and candidate filter, scattered back to the whole vocabulary (-inf elsewhere)."""
+    V = logits.shape[-1]
+    scores = apply_repetition_penalty(logits[None], torch.tensor([generated]), torch.tensor([params.repetition_penalty]))
+    top_k = params.top_k if 0 < params.top_k < V else V
+    vals, ids = candidates(
+        scores, torch.tensor([params.temperature]), torch.tensor([top_k]), torch.tensor([params.top_p])
+    )
+    return torch.full((V,), -torch.inf).scatter(0, ids[0], vals[0])
+
+
+@pytest.mark.parametrize("top_k,top_p", [(100, 0.8), (5, 1.0), (0, 0.5), (1, 0.8), (40, 0.95), (0, 1.0)])
+def test_filtered_distribution_equals_transformers(top_k, top_p):
+    """Same candidates kept, same probabilities (our scores are shifted by the row max: compare after softmax)."""
     g = torch.Generator().manual_seed(top_k)
     logits = torch.randn(500, generator=g) * 3
     params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p, repetition_penalty=1.05)
     history = [3, 7, 7, 42]
-    ours = logits.clone()
-    apply_repetition_penalty(ours, history, params.repetition_penalty)
-    ours = top_k_top_p_filter(ours / params.temperature, top_k, top_p)
-    assert torch.equal(ours, hf_processed(logits, params, history))
+    ours = our_filtered(logits, params, history)
+    ref = hf_processed(logits, params, history)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
+    torch.testing.assert_close(ours.softmax(-1), ref.softmax(-1), rtol=1e-5, atol=1e-7)
 
 
-def test_repetition_penalty_signs():
-    row = torch.tensor([2.0, -2.0, 1.0])
-    apply_repetition_penalty(row, [0, 1], 2.0)
-    assert row.tolist() == [1.0, -4.0, 1.0]
+def test_repetition_penalty_signs_and_repeats():
+    rows = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0]])
+    history = torch.tensor([[0, 1, 1], [2, 3, 3]])  # row 1: one seen id, padded with V = 3
+    out = apply_repetition_penalty(rows, history, torch.tensor([2.0, 4.0]))
+    assert out.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 0.25]]
 
 
 def test_greedy_is_argmax_after_penalty():
@@ -103,8 +129,64 @@ def test_mixed_greedy_and_sampled_rows():
     assert torch.equal(out, logits.argmax(-1))
 
 
+def test_seeded_rows_with_different_settings_sample_as_alone():
+    """Rows with their own top_k / top_p / temperature / penalty (so the batch's candidate window is wider than a
+    row's own) draw exactly the ids they draw alone, step after step."""
+    g = torch.Generator().manual_seed(2)
+    params = [
+        SamplingParams(seed=1, top_k=5, top_p=0.9),
+        SamplingParams(seed=2, top_k=200, top_p=0.5, temperature=1.3),
+        SamplingParams(seed=3, top_k=0, top_p=0.95, repetition_penalty=1.3),
+        GREEDY.with_(repetition_penalty=1.2),
+        SamplingParams(seed=4, top_k=50, temperature=0.05),
+    ]
+    steps = [torch.randn(len(params), 400, generator=g) * 4 for _ in range(6)]
+    gens = [p.make_generator() for p in params]
+    batched, histories = [], [[] for _ in params]
+    for logits in steps:
+        ids = sample_next(logits, params, histories, gens).tolist()
+        batched.append(ids)
+        for h, i in zip(histories, ids):
+            h.append(i)
+    for b, p in enumerate(params):
+        gen, history = p.make_generator(), []
+        for step, logits in enumerate(steps):
+            history.append(sample_next(logits[b : b + 1], p, [list(history)], [gen]).item())
+            assert history[-1] == batched[step][b], (b, step)
+
+
+def test_min_new_tokens_with_stop_ids_per_row():
+    logits = torch.tensor([[5.0, 4.0, 0.0], [5.0, 4.0, 0.0]])
+    params = GREEDY.with_(min_new_tokens=1)
+    assert sample_next(logits, params, [[], []], stop_ids=[[0], [1]]).tolist() == [1, 0]
+    assert sample_next(logits, params, [[], [2]], stop_ids=[[0], [0]]).tolist() == [1, 0]
+
+
+def test_a_row_with_non_finite_logits_fails_alone():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 50, generator=g)
+    params = [SamplingParams(seed=i) for i in range(3)] + [GREEDY]
+    clean = sample_next(logits, params, [[]] * 4, [p.make_generator() for p in params])
+    broken = logits.clone()
+    broken[1, 7] = float("nan")
+    broken[3, 0] = float("inf")
+    out = sample_next(broken, params, [[]] * 4, [p.make_generator() for p in params])
+    assert out.tolist() == [clean[0].item(), NON_FINITE, clean[2].item(), NON_FINITE]
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-6, 0.7, MAX_TEMPERATURE])
+def test_any_valid_temperature_gives_finite_scaled_scores(temperature):
+    """Scores are shifted by the row max before the division: the best candidate scores exactly 0 and nothing is
+    NaN even at extreme logits and temperatures (an unshifted 3e38 / 1e-30 would be inf, and inf - inf NaN)."""
+    logits = torch.tensor([[3e38, -3e38, 1e38, 0.0]])
+    vals, ids = candidates(logits, torch.tensor([temperature]), torch.tensor([4]), torch.tensor([1.0]))
+    assert vals[0, 0] == 0 and ids[0, 0] == 0 and not vals.isnan().any()
+    params = SamplingParams(temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0)
+    assert sample_next(logits, params, [[]], [params.make_generator()]).item() == 0
+
+
 @pytest.mark.parametrize(
-    "kw", [dict(temperature=0.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=0)]
+    "kw", [{"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"max_new_tokens": 0}]
 )
 def test_bad_params_are_rejected(kw):
     with pytest.raises(SamplingError):

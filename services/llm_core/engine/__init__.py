@@ -1,4 +1,4 @@
-"""Continuous-batching LLM engine: pooled per-session KV, batched prefill + decode steps."""
+"""Continuous-batching LLM engine: per-session KV in one arena, batched prefill + decode steps."""
 
 from services.llm_core.engine.engine import (
     ContextLengthError,
@@ -6,7 +6,10 @@ from services.llm_core.engine.engine import (
     EngineInputError,
     GenEvent,
     LLMEngine,
+    NonFiniteScoresError,
+    NumericsCheckError,
     PrefillResult,
+    SessionBusyError,
     SessionDroppedError,
     SessionStateError,
 )
@@ -17,7 +20,10 @@ __all__ = [
     "EngineInputError",
     "GenEvent",
     "LLMEngine",
+    "NonFiniteScoresError",
+    "NumericsCheckError",
     "PrefillResult",
+    "SessionBusyError",
     "SessionDroppedError",
     "SessionStateError",
 ]

@@ -6,12 +6,20 @@ embeddings spliced in), (2) a session KV that persists across many prefills and 
 every second, answers continue the same KV), (3) the last-layer hidden state at `<|spk|>` for the speech
 decoder, (4) interrupting one answer while keeping its KV consistent, and (5) per-session eviction and rebuild.
 Its paged cache and manager are built around request lifetimes, so this is a small nano-vllm-style engine
-instead: `kv_cache` (pooled blocks), `scheduler` (what runs each step), `runner` (one batched forward over the
-transformers Qwen2 modules), and this loop.
+instead: `kv_cache` (the KV arena: one contiguous run per session), `scheduler` (what runs each step), `runner`
+(the batch through the model's own forward), `attention` / `cuda_graphs` (attention backends reading the arena in
+place), `services.llm_core.sampling` (one batched sampler pass), and this loop.
 
 Threading: one background thread runs the steps; the asyncio API hands work in under a lock and gets results
 back through `loop.call_soon_threadsafe`. All session state changes happen under that lock; the forward pass
-runs outside it, and results of requests that were interrupted or dropped meanwhile are discarded.
+runs outside it (under a forward lock that the numerics canary also takes), and results of requests that were
+interrupted or dropped meanwhile are discarded.
+
+Failures stay with their request: a row whose logits come out non-finite fails only its own request
+(`NonFiniteScoresError`, INTERNAL; that step's rows are not added to its KV) while the other rows of the step go
+on, and so does a prefill whose last hidden state is non-finite; an exception in a whole step fails that step's
+requests only. Embeddings are not checked on the way in: NaN from an encoder is a server fault (INTERNAL), not
+the caller's, and it fails exactly the request that carries it.
 
 KV semantics, as upstream's `llm.generate`: after an answer ends (stop id, max_new_tokens, interrupt), the
 session's KV holds everything prefilled + the generated ids except the last one (that id was never fed back).
@@ -30,26 +38,55 @@ from typing import Any
 
 import torch
 
-from services.llm_core.engine.kv_cache import BlockManager, EngineFullError, KVPool
-from services.llm_core.engine.runner import ForwardBatch, ModelRunner, PrefillSpan
+from services.common.generation import SamplingParams
+from services.llm_core.engine.attention import SeqSpan
+from services.llm_core.engine.cuda_graphs import KERNEL_BLOCK
+from services.llm_core.engine.kv_cache import EngineFullError, KVAllocator, KVArena
+from services.llm_core.engine.runner import ForwardBatch, ModelRunner
 from services.llm_core.engine.scheduler import (
     ContextLengthError,
+    PrefillChunk,
     Request,
     ScheduledBatch,
     Scheduler,
     SessionStateError,
 )
 from services.llm_core.model import LLMModel
-from services.common.generation import SamplingParams
-from services.llm_core.sampling import sample_next
+from services.llm_core.sampling import NON_FINITE, NonFiniteScoresError, sample_next
+from services.runtime.errors import FailedPrecondition, Internal, InvalidArgument
+
+__all__ = [  # the engine's errors are imported from here, wherever they are defined
+    "ContextLengthError",
+    "EngineFullError",
+    "EngineInputError",
+    "GenEvent",
+    "LLMEngine",
+    "NonFiniteScoresError",
+    "NumericsCheckError",
+    "PrefillResult",
+    "SessionBusyError",
+    "SessionDroppedError",
+    "SessionStateError",
+]
+
+CANARY_TOKENS = 8  # rows of the fixed prompt `check_numerics` runs (then one decode row)
 
 
-class EngineInputError(ValueError):
+class EngineInputError(InvalidArgument):
     """Malformed input to the engine (wrong embedding shape, spk position outside the prefix)."""
 
 
 class SessionDroppedError(SessionStateError):
     """The session was dropped while this request was queued or running."""
+
+
+class SessionBusyError(FailedPrecondition):
+    """The session has queued or running work, and the operation needs it idle."""
+
+
+class NumericsCheckError(Internal):
+    """The canary forward gave non-finite results, or results that differ from start-up's: the replica's weights or
+    device went bad."""
 
 
 @dataclass
@@ -79,6 +116,7 @@ class _Generate:
     embeds: torch.Tensor
     params: SamplingParams
     generator: torch.Generator | None
+    stop_ids: tuple[int, ...]
     spk_position: int | None
     deliver: Callable[[Any], None]  # GenEvent or Exception
     generated: list[int] = field(default_factory=list)
@@ -103,31 +141,35 @@ class LLMEngine:
         max_batch_tokens: int = 512,
         *,
         stop_ids: Sequence[int],
-        block_size: int = 16,
+        block_size: int = KERNEL_BLOCK,
         max_session_tokens: int | None = None,
         evict_idle: bool = True,
         on_evict: Callable[[str], None] | None = None,
-        prepack_weights: bool | None = None,
+        cuda_graph_max_rows: int = 64,
     ):
-        cfg = model.config
+        """`kv_budget_tokens`: size of the KV arena (rounded up to whole blocks of `block_size` tokens; on CUDA
+        `block_size` must be a multiple of the flex kernel's block, 128). `stop_ids`: the default stop ids of
+        answers. `cuda_graph_max_rows`: decode steps of up to this many sessions replay CUDA graphs (CUDA only;
+        0 = always eager)."""
+        cfg = model.cfg
         self.model = model
         self.device = model.device_
         self.hidden_size = cfg.hidden_size
         self.stop_ids = frozenset(int(i) for i in stop_ids)
+        if self.device.type == "cuda" and block_size % KERNEL_BLOCK:
+            raise ValueError(f"block_size must be a multiple of {KERNEL_BLOCK} on CUDA (got {block_size})")
         num_blocks = -(-kv_budget_tokens // block_size)
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.pool = KVPool(
-            cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, head_dim, model.dtype, self.device
-        )
-        self.blocks = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(
-            self.blocks,
-            max_batch_tokens,
-            max_session_tokens or cfg.max_position_embeddings,
-            evict_idle=evict_idle,
-        )
-        self.runner = ModelRunner(model, self.pool, prepack=prepack_weights)  # None: on CPU in fp32
+        max_session_tokens = max_session_tokens or cfg.max_position_embeddings
+        self.kv = KVAllocator(num_blocks, block_size, max_session_tokens)
+        self.arena = KVArena(
+            cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, model.dtype,
+            self.device,
+        )  # fmt: skip
+        self.scheduler = Scheduler(self.kv, max_batch_tokens, max_session_tokens, evict_idle=evict_idle)
+        self.runner = ModelRunner(model, self.arena, cuda_graph_max_rows)
         self.on_evict = on_evict
+        self._forward_lock = threading.Lock()  # one forward at a time: engine steps and the numerics canary
+        self._canary_reference = self._canary_logits()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -185,11 +227,14 @@ class LLMEngine:
         spk_position: int | None = None,
         *,
         expected_kv_len: int | None = None,
+        stop_ids: Sequence[int] | None = None,
     ) -> AsyncIterator[GenEvent]:
         """Prefill the assistant prefix `inputs_embeds` (T, D), then yield the answer's tokens one by one.
 
         The first event carries the last-layer hidden state at row `spk_position` of the prefix (`<|spk|>`).
-        The last event has a `finish_reason`. Leaving the iteration early interrupts the answer.
+        The last event has a `finish_reason`. Leaving the iteration early interrupts the answer. `stop_ids`: this
+        answer's stop ids (default: the engine's). A row whose logits come out non-finite ends the stream with
+        `NonFiniteScoresError`.
         """
         embeds = self._check_embeds(inputs_embeds)
         if spk_position is not None and not 0 <= spk_position < embeds.shape[0]:
@@ -200,6 +245,7 @@ class LLMEngine:
             embeds=embeds,
             params=params,
             generator=params.make_generator(self.device),
+            stop_ids=tuple(sorted(self.stop_ids if stop_ids is None else {int(i) for i in stop_ids})),
             spk_position=spk_position,
             deliver=_threadsafe_sink(loop, queue.put_nowait),
         )
@@ -236,31 +282,64 @@ class LLMEngine:
     def drop(self, session_id: str) -> bool:
         """Forget the session and free its KV; its queued or running requests fail with SessionDroppedError."""
         with self._cv:
-            existed = self.blocks.has(session_id) or bool(self.scheduler.queued(session_id))
+            existed = self.kv.has(session_id) or bool(self.scheduler.queued(session_id))
             for r in self.scheduler.drop(session_id):
                 r.payload.deliver(SessionDroppedError(f"session {session_id!r} was dropped"))
             return existed
 
     def has_session(self, session_id: str) -> bool:
         with self._cv:
-            return self.blocks.has(session_id)
+            return self.kv.has(session_id)
 
     def kv_len(self, session_id: str) -> int | None:
         """Committed KV rows of the session, None if it has no KV here."""
         with self._cv:
-            return self.blocks.num_tokens(session_id) if self.blocks.has(session_id) else None
+            return self.kv.num_tokens(session_id) if self.kv.has(session_id) else None
+
+    def replace_session(self, target_id: str, source_id: str) -> int:
+        """Make `source_id`'s KV the KV of `target_id`, atomically; target's old KV (if any) is freed and
+        `source_id` is gone. For switching to a context rebuilt or trimmed beside the live one. Both sessions must
+        be idle (no queued or running request: `SessionBusyError`); returns target's KV length now.
+        """
+        with self._cv:
+            if target_id == source_id:
+                raise EngineInputError(f"replace_session needs two different sessions (got {target_id!r} twice)")
+            busy = [sid for sid in (target_id, source_id) if not self.scheduler.is_idle(sid)]
+            if busy:
+                raise SessionBusyError(f"session {busy[0]!r} has queued or running work; replace it when idle")
+            if not self.kv.has(source_id):
+                raise SessionStateError(f"session {source_id!r} has no KV on this replica")
+            self.kv.rename(source_id, target_id)
+            return self.kv.num_tokens(target_id)
+
+    def check_numerics(self) -> None:
+        """Run a fixed tiny forward (8 prompt rows, 1 decode row, on the replica's model and device) and raise
+        `NumericsCheckError` if its logits are non-finite or differ from the ones computed at start-up. Waits for
+        the step in flight, if any (a health check of a hung engine hangs too)."""
+        now = self._canary_logits()
+        ref = self._canary_reference
+        if not torch.isfinite(now).all():
+            raise NumericsCheckError("numerics canary: the model's logits are not finite (weights or device bad)")
+        err = (now - ref).abs().max().item()
+        if err > 1e-3 * max(1.0, ref.abs().max().item()):
+            raise NumericsCheckError(f"numerics canary: logits moved by {err:.3g} since start-up (weights or device bad)")
 
     def stats(self) -> dict[str, int]:
+        """Counters and gauges: sessions, queue, KV tokens (used = committed rows, reserved = held blocks, free =
+        blocks nobody holds), evictions and KV moves so far, steps."""
         with self._cv:
             s = self.scheduler.stats()
+            kv = self.kv
             return {
-                "sessions": len(self.blocks.sessions()),
+                "sessions": len(kv.sessions()),
                 "active": s["decoding"] + s["prefilling"],
                 "decoding": s["decoding"],
                 "queue_depth": s["waiting"],
-                "kv_tokens_used": self.blocks.used_tokens,
-                "kv_tokens_reserved": (self.blocks.num_blocks - self.blocks.free_blocks) * self.blocks.block_size,
-                "kv_tokens_budget": self.blocks.capacity_tokens,
+                "kv_tokens_used": kv.used_tokens,
+                "kv_tokens_reserved": (kv.num_blocks - kv.free_blocks) * kv.block_size,
+                "kv_tokens_free": kv.free_blocks * kv.block_size,
+                "kv_tokens_budget": kv.capacity_tokens,
+                "kv_moves": kv.moves,
                 "evictions": self.scheduler.evictions,
                 "steps": self.steps,
                 "mixed_steps": self.mixed_steps,
@@ -274,6 +353,16 @@ class LLMEngine:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise EngineInputError(f"inputs_embeds must be (T >= 1, {self.hidden_size}), got {shape}")
         return x.detach().to(device=self.device, dtype=self.model.dtype)
+
+    @torch.inference_mode()
+    def _canary_logits(self) -> torch.Tensor:
+        """Logits (2, V) of the fixed canary: a solo forward of ids 1..8, then a decode row, on the CPU."""
+        ids = torch.arange(1, CANARY_TOKENS + 1) % self.model.vocab_size
+        with self._forward_lock:
+            cache = self.model.new_cache()
+            prompt, _ = self.model.step(self.model.embed_tokens(ids), cache, last_only=True)
+            decode, _ = self.model.step(self.model.embed_tokens(ids[:1]), cache)
+        return torch.cat([prompt, decode]).cpu()
 
     def _submit(
         self, session_id: str, embeds: torch.Tensor, decode: bool, work: Any, expected_kv_len: int | None
@@ -317,7 +406,10 @@ class LLMEngine:
         try:
             with self._cv:
                 fwd = self._build(batch)
-            logits, hidden = self.runner.forward(fwd)
+                kv_ops = self.kv.pop_ops()  # moves and zeroings decided while scheduling (or by drops)
+            with self._forward_lock:
+                self.arena.apply(kv_ops)
+                logits, hidden = self.runner.forward(fwd)
             with self._cv:
                 self._apply(batch, logits, hidden)
                 self.steps += 1
@@ -336,67 +428,49 @@ class LLMEngine:
             r.payload.deliver(error)
 
     def _build(self, batch: ScheduledBatch) -> ForwardBatch:
-        """Under the lock: the packed rows, positions and pool slots of a scheduled batch."""
-        blocks, bs, dev = self.blocks, self.blocks.block_size, self.device
+        """Under the lock: the packed rows, positions and arena spans of a scheduled batch."""
+        kv = self.kv
         embeds: list[torch.Tensor] = []
         positions: list[int] = []
-        write_slots: list[int] = []
+        spans: list[SeqSpan] = []
         logit_rows: list[int] = []
         hidden_rows: list[int] = []
-        decode_slot_index = decode_kv_lens = None
         if batch.decodes:
-            sids = [r.session_id for r in batch.decodes]
-            lens = [blocks.num_tokens(s) for s in sids]
             embeds.append(self.runner.embed_ids([r.payload.generated[-1] for r in batch.decodes]))
-            positions += lens
-            write_slots += [blocks.slots(s, n, 1)[0] for s, n in zip(sids, lens)]
-            logit_rows += range(len(sids))
-            decode_kv_lens = torch.tensor(lens, device=dev) + 1
-            decode_slot_index = self._slot_index([blocks.blocks(s) for s in sids], max(lens) + 1)
-        spans: list[PrefillSpan] = []
-        offset = len(positions)
+        for i, r in enumerate(batch.decodes):
+            n = kv.num_tokens(r.session_id)
+            positions.append(n)
+            spans.append(SeqSpan(i, 1, kv.offset(r.session_id), n))
+            logit_rows.append(i)
+        row = len(positions)
         for c in batch.prefills:
-            r, sid = c.request, c.request.session_id
+            r = c.request
             embeds.append(r.payload.embeds[c.start : c.start + c.n])
             positions += range(c.kv_start, c.kv_start + c.n)
-            write_slots += blocks.slots(sid, c.kv_start, c.n)
-            total = c.kv_start + c.n
-            spans.append(PrefillSpan(offset, c.n, c.kv_start, self._slot_index([blocks.blocks(sid)], total)[0]))
+            spans.append(SeqSpan(row, c.n, kv.offset(r.session_id), c.kv_start))
             if c.last:
-                (logit_rows if r.decode else hidden_rows).append(offset + c.n - 1)
+                (logit_rows if r.decode else hidden_rows).append(row + c.n - 1)
             spk = getattr(r.payload, "spk_position", None)
             if spk is not None and c.start <= spk < c.start + c.n:
-                hidden_rows.append(offset + spk - c.start)
-            offset += c.n
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+                hidden_rows.append(row + spk - c.start)
+            row += c.n
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)
         return ForwardBatch(
             embeds=torch.cat(embeds),
             positions=as_long(positions),
-            write_slots=as_long(write_slots),
+            spans=spans,
             num_decodes=len(batch.decodes),
-            decode_slot_index=decode_slot_index,
-            decode_kv_lens=decode_kv_lens,
-            prefills=spans,
             logit_rows=as_long(logit_rows),
             hidden_rows=as_long(hidden_rows),
         )
 
-    def _slot_index(self, tables: list[list[int]], length: int) -> torch.Tensor:
-        """(B, length) pool slots of rows 0 .. length of each block table (padding rows point at slot 0)."""
-        bs = self.blocks.block_size
-        nb = -(-length // bs)
-        padded = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], dtype=torch.long)
-        slots = (padded[:, :, None] * bs + torch.arange(bs)).reshape(len(tables), nb * bs)[:, :length]
-        return slots.to(self.device)
-
     def _apply(self, batch: ScheduledBatch, logits: torch.Tensor, hidden: torch.Tensor) -> None:
         """Under the lock: commit the KV rows, deliver prefill results, sample and emit answer tokens."""
         logit_i = hidden_i = 0
-        to_sample: list[tuple[Request, int]] = []  # (request, its row in logits)
+        to_sample: list[tuple[Request, int, PrefillChunk | None]] = []  # (request, its logits row, its chunk)
         for r in batch.decodes:
-            if not r.finished:  # finished meanwhile (interrupt/drop): its row was never committed
-                self.scheduler.commit_decode(r)
-                to_sample.append((r, logit_i))
+            if not r.finished:  # finished meanwhile (interrupt/drop): its row is never committed
+                to_sample.append((r, logit_i, None))
             logit_i += 1
         for c in batch.prefills:
             r, work = c.request, c.request.payload
@@ -411,35 +485,53 @@ class LLMEngine:
             logit_i += row is not None
             if r.finished:
                 continue
+            if row is not None and not r.stopping:
+                to_sample.append((r, row, c))  # committed once its logits are known to be finite
+                continue
             self.scheduler.commit_prefill(c)
             if not c.last:
                 continue
             if not r.decode:
                 self.scheduler.finish(r)
-                work.deliver(PrefillResult(self.blocks.num_tokens(r.session_id), work.last_hidden.clone()))
-            elif r.stopping:
+                if torch.isfinite(work.last_hidden).all():
+                    work.deliver(PrefillResult(self.kv.num_tokens(r.session_id), work.last_hidden.clone()))
+                else:
+                    work.deliver(NonFiniteScoresError(
+                        f"the model produced non-finite hidden states (NaN or inf) for this prefill (session "
+                        f"{r.session_id!r}); its KV is not usable: drop or rebuild the session"
+                    ))  # fmt: skip
+            else:  # interrupted while its prefix went in
                 self._finish(r, None, "interrupted")
-            else:
-                to_sample.append((r, row))
         if to_sample:
-            rows = [i for _, i in to_sample]
-            # usually every decode row, in order: a view, no copy of (rows, vocab) logits
-            picked = logits[: len(rows)] if rows == list(range(len(rows))) else logits[torch.tensor(rows)]
-            self._sample([r for r, _ in to_sample], picked)
+            self._sample(to_sample, logits)
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        works: list[_Generate] = [r.payload for r in reqs]
+    def _sample(self, items: list[tuple[Request, int, PrefillChunk | None]], logits: torch.Tensor) -> None:
+        rows = [i for _, i, _ in items]
+        # usually every decode row, in order: a view, no copy of (rows, vocab) logits
+        picked = logits[: len(rows)] if rows == list(range(len(rows))) else logits[torch.tensor(rows)]
+        works: list[_Generate] = [r.payload for r, _, _ in items]
         ids = sample_next(
-            logits,
+            picked,
             [w.params for w in works],
             [w.generated for w in works],
             [w.generator for w in works],
-            stop_ids=sorted(self.stop_ids),
-        ).tolist()
-        for r, w, tok in zip(reqs, works, ids):
+            stop_ids=[w.stop_ids for w in works],
+        ).tolist()  # the step's one wait for the device
+        for (r, _, chunk), w, tok in zip(items, works, ids):
+            if tok == NON_FINITE:
+                self.scheduler.finish(r)
+                w.deliver(NonFiniteScoresError(
+                    f"the model produced non-finite scores (NaN or inf logits) for this request (session "
+                    f"{r.session_id!r}); this step's rows were not added to its KV"
+                ))  # fmt: skip
+                continue
+            if chunk is not None:
+                self.scheduler.commit_prefill(chunk)
+            else:
+                self.scheduler.commit_decode(r)
             w.generated.append(tok)
-            kv = self.blocks.num_tokens(r.session_id)
-            if tok in self.stop_ids:
+            kv = self.kv.num_tokens(r.session_id)
+            if tok in w.stop_ids:
                 self._finish(r, tok, "stop")
             elif len(w.generated) >= w.params.max_new_tokens or kv + 1 > self.scheduler.max_session_tokens:
                 self._finish(r, tok, "length")
@@ -452,7 +544,7 @@ class LLMEngine:
         return GenEvent(
             token_id=tok,
             index=len(w.generated) - 1 if tok is not None else len(w.generated),
-            kv_len=self.blocks.num_tokens(r.session_id),
+            kv_len=self.kv.num_tokens(r.session_id),
             finish_reason=reason,
             spk_hidden=w.spk_hidden if first else None,
         )

@@ -6,7 +6,8 @@ step takes the decode token of every answering session first (they are latency-b
 then fills the rest of `max_batch_tokens` with prefill chunks in arrival order (chunked prefill: a long prompt
 is split across steps so it never stalls the decoders for long).
 
-KV is reserved here, before the forward pass, and committed by the engine after it. When the pool is full, idle
+KV is reserved here, before the forward pass (the allocator may decide to move a growing session's run; the engine
+applies those copies before the forward), and committed by the engine after it. When the arena is full, idle
 sessions (no queued work) are evicted least-recently-used first if `evict_idle`; the caller rebuilds them from
 their replay log. If there is still no room, the request fails with `EngineFullError`.
 
@@ -20,17 +21,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.llm_core.engine.kv_cache import BlockManager, EngineFullError
+from services.llm_core.engine.kv_cache import EngineFullError, KVAllocator
+from services.runtime.errors import FailedPrecondition, ResourceExhausted
 
 
-class SessionStateError(KeyError):
+class SessionStateError(FailedPrecondition, KeyError):
     """The session's KV is not what the caller expects (evicted, dropped, or never created): rebuild it."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(ResourceExhausted, ValueError):
     """The session would grow past the longest KV the engine serves for one session."""
 
 
@@ -82,14 +84,14 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(
         self,
-        blocks: BlockManager,
+        kv: KVAllocator,
         max_batch_tokens: int,
         max_session_tokens: int,
         evict_idle: bool = True,
     ):
         if max_batch_tokens <= 0:
             raise ValueError(f"max_batch_tokens must be > 0, got {max_batch_tokens}")
-        self.blocks = blocks
+        self.kv = kv
         self.max_batch_tokens = max_batch_tokens
         self.max_session_tokens = max_session_tokens
         self.evict_idle = evict_idle
@@ -152,14 +154,14 @@ class Scheduler:
                 continue
             n = min(r.prompt_len - r.prefilled, budget)
             if self._reserve(r, n, batch):
-                batch.prefills.append(PrefillChunk(r, r.prefilled, n, self.blocks.num_tokens(r.session_id)))
+                batch.prefills.append(PrefillChunk(r, r.prefilled, n, self.kv.num_tokens(r.session_id)))
                 budget -= n
         return batch
 
     def _start(self, r: Request, batch: ScheduledBatch) -> bool:
         """First scheduling of a request: check what the caller expects, create the session's KV if new."""
         sid = r.session_id
-        have = self.blocks.num_tokens(sid) if self.blocks.has(sid) else None
+        have = self.kv.num_tokens(sid) if self.kv.has(sid) else None
         error: Exception | None = None
         if r.expected_kv_len is not None and r.expected_kv_len != (have or 0):
             if have is None:
@@ -181,25 +183,25 @@ class Scheduler:
             self.finish(r)
             return False
         if have is None:
-            self.blocks.create(sid)
+            self.kv.create(sid)
         r.started = True
         return True
 
     def _reserve(self, r: Request, n: int, batch: ScheduledBatch) -> bool:
         sid = r.session_id
-        need = self.blocks.blocks_needed(sid, n)
-        if need > self.blocks.free_blocks and self.evict_idle:
+        need = self.kv.blocks_needed(sid, n)
+        if need > self.kv.free_blocks and self.evict_idle:
             # a session whose work just failed this step is idle now, but evicting it would only add churn
             failed_now = {f.session_id for f, _ in batch.failed}
-            for victim in self.blocks.lru_order():
-                if self.blocks.free_blocks >= need:
+            for victim in self.kv.lru_order():
+                if self.kv.free_blocks >= need:
                     break
                 if victim != sid and self.is_idle(victim) and victim not in failed_now:
-                    self.blocks.free(victim)
+                    self.kv.free(victim)
                     self.evictions += 1
                     batch.evicted.append(victim)
         try:
-            self.blocks.reserve(sid, n)
+            self.kv.reserve(sid, n)
         except EngineFullError as e:
             batch.failed.append((r, e))
             self.finish(r)
@@ -210,11 +212,11 @@ class Scheduler:
 
     def commit_prefill(self, chunk: PrefillChunk) -> None:
         r = chunk.request
-        self.blocks.commit(r.session_id, chunk.n)
+        self.kv.commit(r.session_id, chunk.n)
         r.prefilled += chunk.n
 
     def commit_decode(self, r: Request) -> None:
-        self.blocks.commit(r.session_id, 1)
+        self.kv.commit(r.session_id, 1)
 
     def finish(self, r: Request) -> None:
         """Retire a head request (done, failed, interrupted). A session left empty and idle is removed."""
@@ -226,15 +228,15 @@ class Scheduler:
         q.popleft()
         if not q:
             del self._queues[sid]
-            if self.blocks.has(sid) and self.blocks.num_tokens(sid) == 0:
-                self.blocks.free(sid)
+            if self.kv.has(sid) and self.kv.num_tokens(sid) == 0:
+                self.kv.free(sid)
 
     def drop(self, session_id: str) -> list[Request]:
         """Forget a session: free its KV; returns its unfinished requests (the caller fails them)."""
         pending = list(self._queues.pop(session_id, ()))
         for r in pending:
             r.finished = True
-        self.blocks.free(session_id)
+        self.kv.free(session_id)
         return pending
 
     def abort_all(self) -> list[Request]:
@@ -243,7 +245,7 @@ class Scheduler:
         for r in pending:
             r.finished = True
         self._queues.clear()
-        for sid in self.blocks.sessions():
-            if self.blocks.num_tokens(sid) == 0:
-                self.blocks.free(sid)
+        for sid in self.kv.sessions():
+            if self.kv.num_tokens(sid) == 0:
+                self.kv.free(sid)
         return pending
