@@ -6,6 +6,10 @@ says who holds it). Every chunk goes into the session's audio replay log before 
 takes a session over re-encodes the logged chunks in order, which rebuilds exactly the same Whisper state (the
 protocol is `services.runtime.session_stage.SessionStage`).
 
+Concurrent requests are batched (`services.runtime.batching.Batcher`): offline clips of several requests in one
+encoder call; live chunks of different sessions that arrive together in one forward (`encode_chunks`: each
+stream continues its own Whisper KV, results equal separate calls). A bad clip or chunk fails alone.
+
 The log stays short: when a chunk restarts the stream (its cache would pass Whisper's 1500 positions, 30 s, and
 starts over, as upstream does), everything before that chunk can no longer affect the stream, so the log is
 rewritten to hold only that chunk. A session's audio log thus never holds more than 30 s of PCM.
@@ -22,6 +26,7 @@ from services.audio_encoder.encoder import AudioEmbedder, AudioStreamState
 from services.common.tensor_codec import from_proto, to_proto
 from services.runtime import metrics
 from services.runtime.ownership import Fence, OwnershipStore
+from services.runtime.batching import Batcher, each_alone_on_error, result_of
 from services.runtime.replica import device_alive, limit_threads, off_loop, replica_dtype
 from services.runtime.routing import SessionAffinityReplica, replica_id
 from services.runtime.session_stage import SessionStage
@@ -42,38 +47,24 @@ class AudioEncoder(SessionStage, SessionAffinityReplica):
         self.device = device
         self.embedder = AudioEmbedder.from_checkpoint(model_dir, device=device, dtype=replica_dtype(device))
         self.streams: dict[str, AudioStreamState] = {}
+        self.offline = Batcher(each_alone_on_error(self._encode_offline))
+        self.live = Batcher(each_alone_on_error(self._encode_live))
         store = OwnershipStore.from_url(redis_url, ttl_s=session_ttl_s) if redis_url else None
         super().__init__(store, replica_id())
 
-    # --- offline ------------------------------------------------------------------------------------------------
+    # --- offline ---------------------------------------------------------------------------------------------
 
     async def Encode(self, request: audio_pb2.EncodeAudioRequest) -> tensor_pb2.Embeddings:
         with metrics.stage_timer("audio_offline"):
-            result = await self._encode_batched(request)
-        if isinstance(result, Exception):  # this request's own input error, kept apart from its batch neighbours
-            raise result
-        return result
+            return result_of(await self.offline.submit(request))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def _encode_batched(self, requests: list[audio_pb2.EncodeAudioRequest]) -> list:
-        clips = [from_proto(c).numpy() for r in requests for c in r.clips]
-        try:
-            embeds = await off_loop(self.embedder.encode, clips)
-        except ValueError:
-            if len(requests) == 1:
-                raise
-            return [await self._encode_one(r) for r in requests]  # isolate the bad clip's request
+    def _encode_offline(self, requests: list[audio_pb2.EncodeAudioRequest]) -> list[tensor_pb2.Embeddings]:
+        embeds = self.embedder.encode([from_proto(c).numpy() for r in requests for c in r.clips])
         out, pos = [], 0
         for r in requests:
             out.append(_embeddings(embeds[pos : pos + len(r.clips)]))
             pos += len(r.clips)
         return out
-
-    async def _encode_one(self, request: audio_pb2.EncodeAudioRequest) -> tensor_pb2.Embeddings | Exception:
-        try:
-            return _embeddings(await off_loop(self.embedder.encode, [from_proto(c).numpy() for c in request.clips]))
-        except ValueError as e:
-            return e
 
     # --- live ---------------------------------------------------------------------------------------------------
 
@@ -92,10 +83,17 @@ class AudioEncoder(SessionStage, SessionAffinityReplica):
     async def _encode(self, fence: Fence, pcm: np.ndarray, entry: replay_pb2.ReplayEntry) -> torch.Tensor:
         state = self.streams[fence.session_id]
         resets = state.resets
-        embeds = await off_loop(self.embedder.encode_chunk, state, pcm)
+        embeds = result_of(await self.live.submit((state, pcm)))
         if state.resets != resets:  # the stream started over at this chunk: the log needs nothing older
             await self._store().rewrite(fence.session_id, fence, [entry])
         return embeds
+
+    def _encode_live(self, chunks: list[tuple[AudioStreamState, np.ndarray]]) -> list[torch.Tensor]:
+        """The chunks of the sessions whose chunk is ready now, in one forward (one chunk per session: a
+        session's chunks are applied one at a time under its lock; encode_chunks leaves every stream unchanged
+        when it raises, so a batch with a bad chunk is redone chunk by chunk)."""
+        states, pcms = zip(*chunks)
+        return self.embedder.encode_chunks(list(states), list(pcms))
 
     async def DropStream(self, request: audio_pb2.DropStreamRequest) -> audio_pb2.DropStreamResponse:
         dropped = self.has_state(request.session_id)

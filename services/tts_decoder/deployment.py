@@ -10,7 +10,7 @@ a vocoder.
 
 Concurrent utterances on one replica share forward passes: every text push goes through one `StepBatcher`,
 which advances all utterances with work by one chunk per batched step. The Vocoder batches the concurrent
-utterances' chunks (`serve.batch`) into one DVAE + Vocos pass.
+utterances' chunks (`services.runtime.batching.Batcher`) into one DVAE + Vocos pass.
 
 Utterances whose speaker went away (a gateway replica died mid-answer: nobody reads the stream or pushes text)
 are dropped by a sweep after `idle_timeout_s`.
@@ -31,6 +31,7 @@ from protos.minicpmo.v1 import tts_pb2
 from services.common.audio import SPEECH_SAMPLE_RATE
 from services.common.tensor_codec import from_proto, to_proto
 from services.runtime import metrics
+from services.runtime.batching import Batcher, result_of
 from services.runtime.replica import detached, device_alive, limit_threads, off_loop, replica_dtype
 from services.runtime.routing import SessionAffinityReplica
 from services.tts_decoder.streaming import SpeechChunk, StepBatcher
@@ -217,33 +218,31 @@ class Vocoder(SessionAffinityReplica):
         self.vocoder = WaveDecoder(model_dir, device=device, dtype=replica_dtype(device))
         self.idle_timeout_s = idle_timeout_s
         self.streams: dict[str, tuple[object, float]] = {}  # utterance id -> (VocoderStream, last used)
+        self.batcher = Batcher(self._decode_many)
         self._sweeper: asyncio.Task | None = None
 
     async def Decode(self, request: tts_pb2.DecodeRequest) -> tts_pb2.DecodeResponse:
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep())
+        now = time.monotonic()
+        stream = self.streams.get(request.utterance_id, (None, 0.0))[0] or self.vocoder.new_stream()
+        self.streams[request.utterance_id] = (stream, now)
         with metrics.stage_timer("vocoder"):
-            audio = await self._decode_batched(request)
+            try:
+                audio = result_of(await self.batcher.submit((stream, request)))
+            finally:
+                if request.last:
+                    self.streams.pop(request.utterance_id, None)
         return tts_pb2.DecodeResponse(audio=to_proto(audio), sample_rate=SPEECH_SAMPLE_RATE)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _decode_batched(self, requests: list[tts_pb2.DecodeRequest]) -> list[torch.Tensor]:
-        """One DVAE + Vocos pass for the chunks of concurrent utterances (one chunk per utterance in flight)."""
-        now = time.monotonic()
-        streams = []
-        for r in requests:
-            stream = self.streams.get(r.utterance_id, (None, 0.0))[0] or self.vocoder.new_stream()
-            self.streams[r.utterance_id] = (stream, now)
-            streams.append(stream)
-        # A segment end flushes the held tail but keeps the stream: the next segment's first chunk is decoded
-        # with the last 4 codes before it. Only the utterance's end frees it.
-        flush = [r.end_of_segment or r.last for r in requests]
-        try:
-            audio = await off_loop(self.vocoder.push_many, streams, [from_proto(r.codes) for r in requests], flush)
-        finally:
-            for r in requests:
-                if r.last:
-                    self.streams.pop(r.utterance_id, None)
+    def _decode_many(self, items: list[tuple[object, tts_pb2.DecodeRequest]]) -> list[torch.Tensor]:
+        """One DVAE + Vocos pass for the chunks of concurrent utterances (one chunk per utterance in flight). A
+        segment end flushes the held tail but keeps the stream: the next segment's first chunk is decoded with the
+        last 4 codes before it. Only the utterance's end frees it."""
+        streams = [stream for stream, _ in items]
+        codes = [from_proto(r.codes) for _, r in items]
+        flush = [r.end_of_segment or r.last for _, r in items]
+        audio = self.vocoder.push_many(streams, codes, flush)
         return [torch.as_tensor(a, dtype=torch.float32).reshape(-1) for a in audio]
 
     async def Release(self, request: tts_pb2.UtteranceRef) -> tts_pb2.CancelReply:

@@ -1,7 +1,8 @@
 """Ray Serve deployment `VisionEncoder`: images in (encoded files), LLM-width embeddings out.
 
-Concurrent requests are batched (`serve.batch`) into one encoder call, so many sessions' frames share forward
-passes; the encoder itself batches slices `batch_size` at a time like upstream.
+Concurrent requests are batched (`services.runtime.batching.Batcher`) into one encoder call per slicing limit,
+so many sessions' frames share forward passes; the encoder itself batches slices `batch_size` at a time like
+upstream. A bad image fails only its own request.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from ray import serve
 from protos.minicpmo.v1 import tensor_pb2, vision_pb2
 from services.common.tensor_codec import to_proto
 from services.runtime import metrics
-from services.runtime.replica import device_alive, limit_threads, off_loop, replica_dtype
+from services.runtime.batching import Batcher, each_alone_on_error, result_of
+from services.runtime.replica import device_alive, limit_threads, replica_dtype
 from services.vision_encoder.encoder import EncodedImage, ImageEmbedder
 
 
@@ -29,45 +31,26 @@ class VisionEncoder:
         self.embedder = ImageEmbedder.from_checkpoint(
             model_dir, device=device, dtype=replica_dtype(device), batch_size=batch_size
         )
+        self.batcher = Batcher(each_alone_on_error(self._encode_many))
 
     async def Encode(self, request: vision_pb2.EncodeImagesRequest) -> tensor_pb2.Embeddings:
         with metrics.stage_timer("vision"):
-            result = await self._encode_batched(request)
-        if isinstance(result, Exception):  # this request's own input error, kept apart from its batch neighbours
-            raise result
-        return result
+            return result_of(await self.batcher.submit(request))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def _encode_batched(
-        self, requests: list[vision_pb2.EncodeImagesRequest]
-    ) -> list[tensor_pb2.Embeddings | Exception]:
-        # One encoder call per slicing limit: requests with the same limit share forward passes.
+    def _encode_many(self, requests: list[vision_pb2.EncodeImagesRequest]) -> list[tensor_pb2.Embeddings]:
+        """One encoder call per slicing limit: requests with the same limit share forward passes."""
         by_limit: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
             by_limit.setdefault(r.max_slice_nums, []).append(i)
         out: list = [None] * len(requests)
         for limit, idxs in by_limit.items():
-            images = [bytes(img) for i in idxs for img in requests[i].images]
-            try:
-                encoded = await off_loop(self.embedder.encode, images, limit or None)
-            except ValueError:
-                # One bad image must not fail its batch neighbours: redo them one by one so only it fails.
-                for i in idxs:
-                    out[i] = await self._encode_one(requests[i])
-                continue
+            encoded = self.embedder.encode([bytes(img) for i in idxs for img in requests[i].images], limit or None)
             pos = 0
             for i in idxs:
                 n = len(requests[i].images)
                 out[i] = _embeddings(encoded[pos : pos + n])
                 pos += n
         return out
-
-    async def _encode_one(self, request: vision_pb2.EncodeImagesRequest) -> tensor_pb2.Embeddings | Exception:
-        try:
-            images = [bytes(b) for b in request.images]
-            return _embeddings(await off_loop(self.embedder.encode, images, request.max_slice_nums or None))
-        except ValueError as e:
-            return e
 
     def check_health(self) -> None:
         device_alive(self.device)
