@@ -25,6 +25,7 @@ CONTEXT_WINDOW = (1536, 768)  # (window, keep): small, so a live session rolls a
 class ServedApp:
     target: str  # gRPC host:port
     http_url: str  # the HTTP proxy, http://host:port
+    metrics_url: str  # the node's Prometheus endpoint (Ray's metrics agent)
     redis_url: str
     model_dir: str
     keys: tuple[str, ...]
@@ -51,10 +52,12 @@ def serve_stack(
     from services.app.builder import GRPC_SERVICER_FUNCTIONS, build_app
 
     redis = RedisServer(persistent=True).start()  # as `make run` and the k8s manifests run it
-    grpc_port, http_port = free_port(), free_port()
-    app = ServedApp(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", redis.url, model_dir, keys,
-                    max_session_tokens, redis, idle_ttl_s)  # fmt: skip
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="minicpmo-e2e")
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    app = ServedApp(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}",
+                    f"http://127.0.0.1:{metrics_port}/metrics", redis.url, model_dir, keys, max_session_tokens,
+                    redis, idle_ttl_s)  # fmt: skip
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="minicpmo-e2e",
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": http_port},
