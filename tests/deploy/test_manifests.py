@@ -70,7 +70,7 @@ def crd_schema() -> dict:
 def test_core_objects_match_kubernetes_schemas(tree):
     name, objects = tree
     core = [o for o in objects if o["kind"] != "RayService"]
-    assert {o["kind"] for o in core} >= {"Deployment", "Service"}, name
+    assert {o["kind"] for o in core} >= {"StatefulSet", "Service"}, name
     for obj in core:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
@@ -151,8 +151,10 @@ def test_services_expose_grpc_metrics_and_redis(tree):
     ray = _ray_service(objects)
     for template in _pod_templates(ray).values():
         assert services["minicpmo"]["spec"]["selector"].items() <= template["metadata"]["labels"].items()
-    redis = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "minicpmo-redis"]
-    assert redis and "--appendonly" in redis[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    redis = [o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "minicpmo-redis"]
+    args = redis[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"  # sessions survive a Redis restart
+    assert redis[0]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert services["minicpmo-redis"]["spec"]["ports"][0]["port"] == 6379
 
 
