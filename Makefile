@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTO_SRC := $(wildcard protos/minicpmo/v1/*.proto)
 
-.PHONY: setup venv deps proto redis test fuzz run bench k8s-validate lint clean
+.PHONY: setup venv deps proto redis chromium test fuzz run bench k8s-validate lint clean
 
-setup: venv deps proto redis  ## everything a fresh Debian machine needs
+setup: venv deps proto redis chromium  ## everything a fresh Debian machine needs
 
 venv:
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ proto: deps
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 	@redis-server --version
+
+# The browser of the web-page test: Debian's chromium (Playwright drives it; it never downloads a browser).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@chromium --version 2>/dev/null
 
 test:
 	$(BIN)/python -m pytest tests -q
