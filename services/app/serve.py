@@ -86,13 +86,17 @@ def serve_main(args: argparse.Namespace) -> int:
         if args.device:
             app_args["device"] = args.device
         serve.run(build_app(app_args), name="minicpmo", route_prefix="/")
+        http = {"host": "127.0.0.1", "port": 8000, **http_cfg}
+        key = keys.split(",")[0]
         print(
             f"\nMiniCPM-o serving pipeline is up.\n"
             f"  gRPC:    port {args.port} on every interface (Ray Serve's proxy binds [::]; the API key guards it)\n"
-            f"           minicpmo.v1.MiniCPMO, grpc.health.v1.Health, reflection\n"
-            f"  API key: send metadata 'x-api-key: <key>'\n"
-            f"  try:     MINICPMO_API_KEY={keys.split(',')[0]} .venv/bin/minicpmo chat --text 'Hello!'\n"
-            f"  metrics: Ray's Prometheus endpoint (minicpmo_* series)\n"
+            f"           minicpmo.v1.MiniCPMO, grpc.health.v1.Health, reflection; metadata 'x-api-key: <key>'\n"
+            f"  HTTP:    http://{http['host']}:{http['port']}/v1 (OpenAI-compatible: chat/completions, realtime,\n"
+            f"           models; header 'Authorization: Bearer <key>'); the web page at http://{http['host']}:"
+            f"{http['port']}/\n"
+            f"  try:     MINICPMO_API_KEY={key} .venv/bin/minicpmo chat --text 'Hello!'\n"
+            f"  metrics: Ray's Prometheus endpoint (ray_minicpmo_* series)\n"
             f"Ctrl-C to stop.",
             flush=True,
         )

@@ -4,6 +4,7 @@ limits, the stages; and the two messages every LLM call is built from (prompt ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from protos.minicpmo.v1 import llm_pb2
 from services.common.generation import SamplingParams
@@ -30,9 +31,13 @@ class GatewayContext:
         return cls(tokenizer, special, ImageProcessorConfig.from_model_dir(model_dir), limits, stages)
 
     def detokenizer(self) -> IncrementalDetokenizer:
-        """Answer text from ids; the ids that end the answer or close its speech are never text."""
-        sp = self.special
-        return IncrementalDetokenizer(self.tokenizer, drop_ids=(sp.im_end, sp.endoftext, sp.tts_eos))
+        """Answer text from ids. Control tokens (every added token: `<|im_end|>`, `<|tts_eos|>`, `<|interrupt|>`,
+        ...) are never text; the ids themselves stay in the answer's `token_ids`."""
+        return IncrementalDetokenizer(self.tokenizer, drop_ids=self.control_ids)
+
+    @cached_property
+    def control_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.get_added_vocab().values())
 
 
 def prefill_input(prompt: Prompt, start: int = 0, end: int | None = None) -> llm_pb2.PrefillInput:
