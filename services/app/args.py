@@ -62,7 +62,9 @@ DEFAULTS: dict[str, DeploymentSpec] = {
     "VisionEncoder": _spec(32, 0.25, 0.1),
     "AudioEncoder": _spec(32, 0.25, 0.1),
     "LLMCore": _spec(128, 0.5, 0.7, graceful_shutdown_timeout_s=60),
-    "TTSDecoder": _spec(32, 0.5, 0.1),
+    # Above the deployment's 32 KV slots: each speaking utterance holds one Speak stream while its PushText calls
+    # come and go, so a full pool must refuse the next Speak (RESOURCE_EXHAUSTED), not queue the pushes.
+    "TTSDecoder": _spec(128, 0.5, 0.1),
     "Vocoder": _spec(32, 0.25, 0.1),
 }
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from services.common.generation import SamplingError, SamplingParams
+from services.common.sampling import inverse_cdf
 from services.runtime.errors import Internal
 
 NON_FINITE = -1  # the id `sample_next` returns for a row whose logits were not all finite
@@ -82,11 +83,7 @@ def candidates(
 
 def draw(vals: torch.Tensor, ids: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF pick per row from candidates (`candidates`' output) with one uniform in [0, 1) each."""
-    weights = vals.exp()
-    cdf = weights.cumsum(-1)
-    pick = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)
-    last_kept = ((weights > 0).sum(-1, keepdim=True) - 1).clamp(min=0)  # u * total may round up to total
-    return ids.gather(1, torch.minimum(pick, last_kept))[:, 0]
+    return ids.gather(1, inverse_cdf(vals.exp(), uniforms)[:, None])[:, 0]
 
 
 def uniforms(gens: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:

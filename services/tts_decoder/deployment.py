@@ -34,10 +34,9 @@ from services.runtime import metrics
 from services.runtime.batching import Batcher, result_of
 from services.runtime.replica import detached, device_alive, limit_threads, off_loop, replica_dtype
 from services.runtime.routing import SessionAffinityReplica
-from services.tts_decoder.streaming import SpeechChunk, StepBatcher
+from services.tts_decoder.streaming import SpeechChunk, SpeechDecoder, StepBatcher
 from services.tts_decoder.text import EmptyTextError
-from services.tts_decoder.streaming import TTSDecoder as SpeechDecoder
-from services.tts_decoder.vocoder import Vocoder as WaveDecoder
+from services.tts_decoder.vocoder import WaveDecoder
 
 log = logging.getLogger("ray.serve")
 _END = object()  # end of an utterance's text
@@ -64,11 +63,15 @@ def _chunk_msg(c: SpeechChunk, audio: torch.Tensor | None) -> tts_pb2.SpeechChun
 
 @serve.deployment(name="TTSDecoder")
 class TTSDecoder(SessionAffinityReplica):
-    def __init__(self, model_dir: str, device: str = "cpu", vocoder=None, idle_timeout_s: float = 60.0):
-        """`vocoder`: a handle of the Vocoder deployment, or None to run DVAE + Vocos in this replica."""
+    def __init__(self, model_dir: str, device: str = "cpu", vocoder=None, idle_timeout_s: float = 60.0,
+                 max_utterances: int = 32):
+        """`vocoder`: a handle of the Vocoder deployment, or None to run DVAE + Vocos in this replica.
+        `max_utterances`: KV slots, allocated at start (146 MB each in bf16 at the real config); one more
+        concurrent utterance is refused with RESOURCE_EXHAUSTED."""
         limit_threads()
         self.device = device
-        self.decoder = SpeechDecoder(model_dir, device=device, dtype=replica_dtype(device), vocoder=vocoder is None)
+        self.decoder = SpeechDecoder.from_checkpoint(model_dir, device=device, dtype=replica_dtype(device),
+                                                     vocoder=vocoder is None, max_utterances=max_utterances)
         self.batcher = StepBatcher(self.decoder)
         self.vocoder = vocoder
         self.idle_timeout_s = idle_timeout_s
@@ -88,10 +91,11 @@ class TTSDecoder(SessionAffinityReplica):
         seed = request.seed if request.HasField("seed") else None
         try:
             # Only the speaker projection runs here (no tokenizer), so it need not wait for the batcher's worker.
-            u.state = await off_loop(self.decoder.start, from_proto(request.spk_hidden).float(), request.greedy, seed)
+            u.state = await off_loop(self.decoder.start, from_proto(request.spk_hidden).float(), request.greedy, seed,
+                                     request.with_audio and self.vocoder is None)
             to_vocode: asyncio.Queue = asyncio.Queue()
             remote_audio = self.vocoder is not None and request.with_audio
-            u.tasks.append(asyncio.create_task(self._generate(u, to_vocode if remote_audio else u.out, request.with_audio)))
+            u.tasks.append(asyncio.create_task(self._generate(u, to_vocode if remote_audio else u.out)))
             if remote_audio:
                 u.tasks.append(asyncio.create_task(self._vocode(uid, to_vocode, u.out)))
             while (item := await u.out.get()) is not None:
@@ -116,7 +120,7 @@ class TTSDecoder(SessionAffinityReplica):
             u.out.put_nowait(None)  # the Speak stream ends; its `finally` frees the utterance
         return tts_pb2.CancelReply(cancelled=u is not None)
 
-    async def _generate(self, u: _Utterance, sink: asyncio.Queue, with_audio: bool) -> None:
+    async def _generate(self, u: _Utterance, sink: asyncio.Queue) -> None:
         """Text in order -> batched TTS steps -> chunks (with inline audio when this replica vocodes)."""
         try:
             ended = False
@@ -141,7 +145,7 @@ class TTSDecoder(SessionAffinityReplica):
                 for i, c in enumerate(chunks):
                     last = ended and i == len(chunks) - 1
                     if sink is u.out:
-                        audio = torch.from_numpy(c.audio) if with_audio and c.audio is not None else None
+                        audio = torch.from_numpy(c.audio) if c.audio is not None else None
                         sink.put_nowait(_chunk_msg(c, audio))
                     else:
                         sink.put_nowait((c, last))
@@ -215,7 +219,7 @@ class Vocoder(SessionAffinityReplica):
     def __init__(self, model_dir: str, device: str = "cpu", idle_timeout_s: float = 60.0):
         limit_threads()
         self.device = device
-        self.vocoder = WaveDecoder(model_dir, device=device, dtype=replica_dtype(device))
+        self.vocoder = WaveDecoder.from_checkpoint(model_dir, device=device, dtype=replica_dtype(device))
         self.idle_timeout_s = idle_timeout_s
         self.streams: dict[str, tuple[object, float]] = {}  # utterance id -> (VocoderStream, last used)
         self.batcher = Batcher(self._decode_many)

@@ -15,15 +15,17 @@ import torch
 from transformers import BertTokenizerFast
 
 from services.common.config import TTSConfig
+from services.runtime.errors import InvalidArgument
 
 TOKENIZER_SUBDIR = "assets/chattts_tokenizer"
 STTS, ETTS, PTTS, PAD, SPK_EMB = "[Stts]", "[Etts]", "[Ptts]", "[PAD]", "[spk_emb]"
 SENTENCE_ENDS = (".", "。", "!", "?", "！", "？")
+CLAUSE_ENDS = (",", "，", "、", ";", "；", ":", "：")
 _DIGITS_EN = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _DIGITS_ZH = "零一二三四五六七八九"
 
 
-class TTSInputError(ValueError):
+class TTSInputError(InvalidArgument):
     """Input the speech decoder cannot synthesise; the message says what to change."""
 
 
@@ -104,18 +106,30 @@ class ChatTTSText:
     def count(self, text: str) -> int:
         return len(self.encode(text))
 
-    def check_length(self, n_text: int) -> None:
-        if n_text > self.max_text_tokens:
-            raise TextTooLongError(
-                f"text segment has {n_text} TTS tokens; at most {self.max_text_tokens} fit the "
-                f"{self.reserved} reserved slots. Long answers are split at sentence ends ({' '.join(SENTENCE_ENDS)}) "
-                "once they pass 120 tokens: add punctuation or send shorter text."
-            )
+    def cut(self, text: str, limit: int, least: int, after: int = 0) -> int:
+        """Where to end a segment of `text` (over `limit` tokens) so that it keeps at most `limit` tokens and, at a
+        boundary, at least `least`: after its last sentence end, else clause mark, else space in that window, else
+        at the limit. The cut comes after character `after` (a rolled-over segment's seed, so that every segment
+        takes new text)."""
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        hard = offsets[limit][0]
+        lowest = max(after, offsets[least][0] - 1)
+        for marks in (SENTENCE_ENDS, CLAUSE_ENDS, (" ", "\n")):
+            at = max(text.rfind(m, lowest, hard) for m in marks)
+            if at > after:
+                return at + 1
+        while self.count(text[:hard]) > limit:  # re-tokenised, a prefix cut inside a word may count more
+            limit -= 1
+            hard = offsets[limit][0]
+        return hard
 
     def layout(self, text: str) -> TTSLayout:
         """Upstream `prepare_tts_text` tokenized: the string is built with the special tokens and encoded whole."""
         n_text = self.count(text)
-        self.check_length(n_text)
+        if n_text > self.max_text_tokens:
+            raise TextTooLongError(
+                f"text has {n_text} TTS tokens; at most {self.max_text_tokens} fit the {self.reserved} reserved slots "
+                "of one segment (streaming input is split into segments; offline synthesis takes one)")
         pad = ETTS + PAD * (self.reserved - n_text - 1)
         string = f"{STTS}{SPK_EMB * (self.n_start - 1)}{text}{pad}{PTTS}"
         ids = self.encode(string)

@@ -64,34 +64,29 @@ class VocoderStream:
     prev_len: int = 0  # length of the previous chunk as upstream holds it (its `prev_wav`)
 
 
-class Vocoder:
-    """DVAE + Vocos from a checkpoint directory."""
+class WaveDecoder:
+    """Codes -> audio: DVAE + Vocos, offline (`decode`) and streaming (`push_many` over `VocoderStream`s)."""
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        device = torch.device(device)
+    def __init__(self, dvae: DVAE, vocos: Vocos, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
+        self.dvae = dvae.to(self.device, dtype).eval()
+        self.dvae.vq_layer.float()  # FSQ maths in float32, as vector-quantize-pytorch expects
+        # The ISTFT head stays float32 (as upstream's `.float()` Vocos); the backbone runs in the serving dtype.
+        self.vocos = vocos.to(self.device).eval()
+        self.vocos.backbone.to(dtype)
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> WaveDecoder:
+        """Loads `tts.dvae.` of the checkpoint and `assets/Vocos.pt`."""
         path = Path(model_dir) / VOCOS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: Vocos weights not found")
         vocos = build_vocos()
         # Stored parameters are bf16; load_state_dict copies them into the float32 module (upcast), as upstream.
         vocos.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self._setup(load_dvae(CheckpointReader(model_dir), device, dtype), vocos, device, dtype)
-
-    @classmethod
-    def from_parts(cls, dvae: DVAE, vocos: Vocos, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> "Vocoder":
-        """A vocoder over modules built elsewhere (benchmarks with random weights)."""
-        self = cls.__new__(cls)
-        self._setup(dvae, vocos, torch.device(device), dtype)
-        return self
-
-    def _setup(self, dvae: DVAE, vocos: Vocos, device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype = device, dtype
-        self.dvae = dvae.to(device, dtype).eval()
-        self.dvae.vq_layer.float()  # FSQ maths in float32, as vector-quantize-pytorch expects
-        # The ISTFT head stays float32 (as upstream's `.float()` Vocos); the backbone runs in the serving dtype.
-        self.vocos = vocos.to(device).eval()
-        self.vocos.backbone.to(dtype)
+        return cls(load_dvae(CheckpointReader(model_dir), device, dtype), vocos, device, dtype)
 
     @torch.inference_mode()
     def mel(self, codes: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from protos.minicpmo.v1 import omni_pb2, tts_pb2
 from services.client.sdk import generation_options, text, user
 from services.common.tensor_codec import from_proto, to_proto
 from services.tts_decoder.deployment import Vocoder as VocoderDeployment
-from services.tts_decoder.vocoder import Vocoder
+from services.tts_decoder.vocoder import WaveDecoder
 from tests.e2e.conftest import APP_NAME
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.slow]
@@ -50,7 +50,7 @@ def test_concurrent_speech_answers_keep_their_solo_codes(client):
 def test_vocoder_deployment_keeps_the_stream_across_a_segment_end(served):
     """Codes of two segments, as a rolled-over utterance sends them: the first chunk after the segment end is
     decoded with the previous segment's last 4 codes (same as in process), and `last` frees the stream."""
-    voc = Vocoder(served.model_dir)
+    voc = WaveDecoder.from_checkpoint(served.model_dir)
     gen = torch.Generator().manual_seed(5)
     sizes, ends = (25, 12, 25, 14), (False, True, False, True)
     chunks = [torch.randint(0, 625, (n, 4), generator=gen) for n in sizes]

@@ -11,15 +11,17 @@ import torch
 from services.common.checkpoint import UNUSED_AT_INFERENCE, CheckpointReader
 from services.common.config import ModelConfig, real_config
 from services.tts_decoder.dvae import DVAE
+from services.tts_decoder.generation import CodeGenerator, TextPrefill
 from services.tts_decoder.model import (
-    with_prefix,
     build_tts,
     load_tts,
     make_streaming_chunk_mask_generation,
     streaming_visibility,
+    with_prefix,
 )
+from services.tts_decoder.sampler import CodeSampler
 from services.tts_decoder.text import ChatTTSText
-from services.tts_decoder.vocoder import Vocoder
+from services.tts_decoder.vocoder import WaveDecoder
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def tts(golden, cfg):
 
 @pytest.fixture(scope="module")
 def vocoder(golden):
-    return Vocoder(golden.checkpoint)
+    return WaveDecoder.from_checkpoint(golden.checkpoint)
 
 
 def test_g_text_layout_and_masks(golden, cfg, text):
@@ -68,11 +70,12 @@ def test_g_conditioning_and_teacher_forced_logits(golden, cfg, text, tts):
     golden.check("g.spk_emb_projected_normalized", spk)
     golden.check("g.condition_embeds", tts.embed_text(ids, spk))
 
-    # Replay the reference's prefill schedule, then feed the forced codes one step at a time.
-    cache = tts.new_cache(tts.condition_length + 64)
-    for begin, end in case["prefill_schedule"]:
-        tts.prefill_text(cache, ids[begin:end], begin, spk if begin == 0 else None)
+    # Replay the reference's prefill schedule into a KV slot, then feed the forced codes one step at a time.
     text_mask = text.text_mask(layout.n_text)
+    gen = CodeGenerator(tts, CodeSampler(cfg, tts.eos_id), slots=1)
+    seg = gen.open(text_mask, greedy=True, generator=None)
+    for begin, end in case["prefill_schedule"]:
+        gen.prefill_text([(seg, TextPrefill(ids[begin:end], begin, spk if begin == 0 else None))])
     forced = golden["g.forced_codes"]
     golden.check("g.forced_codes", forced)
     logits, hidden, positions = [], [], []
@@ -80,7 +83,8 @@ def test_g_conditioning_and_teacher_forced_logits(golden, cfg, text, tts):
         embed = tts.audio_bos_embedding() if step == 0 else tts.embed_codes(forced[step - 1])
         past = tts.condition_length - 1 + step
         visible = streaming_visibility(past, 1, text_mask, cfg)
-        h = tts(embed[None, None], torch.tensor([[past]]), visible[None, None], cache)
+        at = torch.tensor([[past]])
+        h = tts(embed[None, None], at, visible[None, None], gen.pool.span(seg.slot, seg.slot + 1, at, past + 1))
         hidden.append(h[0, 0])
         logits.append(tts.head_logits(h)[0, 0])
         positions.append(past)

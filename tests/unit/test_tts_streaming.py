@@ -1,16 +1,22 @@
 """Streaming speech decoder: chunk timing, exact cross-fade at every join, streaming == non-streaming codes,
-batched utterances == solo ones, and clear errors for bad input. Runs on the golden (tiny) checkpoint."""
+batched utterances == solo ones (greedy and seeded, idle slots in between), segment roll-over at sentence ends and
+of over-long unpunctuated text, KV slots given back, and clear errors for bad input. Runs on the golden (tiny)
+checkpoint."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from services.tts_decoder.streaming import SpeakerEmbeddingError, StepBatcher, TTSDecoder
-from services.tts_decoder.text import EmptyTextError, TextTooLongError, TTSInputError
+from services.tts_decoder.kv_pool import KVPoolFullError
+from services.tts_decoder.sampler import MIN_NEW_TOKENS
+from services.tts_decoder.streaming import SEED_TEXT_TOKENS, SpeakerEmbeddingError, StepBatcher, SpeechDecoder
+from services.tts_decoder.text import EmptyTextError, TTSInputError
 from services.tts_decoder.vocoder import CROSSFADE_SAMPLES, OVERLAP_CODES
 
 WORDS = "hello world, this is a voice test of the streaming decoder with several words in it".split()
@@ -18,12 +24,12 @@ WORDS = "hello world, this is a voice test of the streaming decoder with several
 
 @pytest.fixture(scope="module")
 def decoder(golden):
-    return TTSDecoder(golden.checkpoint, vocoder=True)
+    return SpeechDecoder.from_checkpoint(golden.checkpoint, vocoder=True)
 
 
 @pytest.fixture(scope="module")
 def codes_only(golden):
-    return TTSDecoder(golden.checkpoint, vocoder=False)
+    return SpeechDecoder.from_checkpoint(golden.checkpoint, vocoder=False)
 
 
 def speaker(dim: int, seed: int) -> torch.Tensor:
@@ -54,7 +60,7 @@ def upstream_overlap_add(frames: list[torch.Tensor], overlap: int) -> torch.Tens
     return torch.cat(out)
 
 
-def per_chunk_vocoder_outputs(decoder: TTSDecoder, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+def per_chunk_vocoder_outputs(decoder: SpeechDecoder, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
     """What upstream vocodes per chunk: the chunk's codes plus the 4 codes before them."""
     history = torch.cat(chunks)
     frames, start = [], 0
@@ -126,18 +132,27 @@ def test_streaming_codes_equal_non_streaming_greedy(codes_only):
     assert torch.equal(streamed, offline)
 
 
-def test_step_many_equals_solo(codes_only):
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded"])
+def test_step_many_equals_solo(codes_only, greedy):
+    """Batched steps give each utterance its solo codes, also with an idle utterance's slot inside the batch's
+    span and with sampling (each utterance draws from its own seeded generator)."""
     texts = [WORDS, WORDS[3:], WORDS[::-1]]
 
     def run(batched: bool) -> list[torch.Tensor]:
-        states = [codes_only.start(speaker(codes_only.cfg.llm_dim, 10 + i), greedy=True) for i in range(3)]
+        states = []
+        for i in range(3):
+            states.append(codes_only.start(speaker(codes_only.cfg.llm_dim, 10 + i), greedy=greedy, seed=40 + i))
+            if batched and i == 0:  # holds the slot between the first two: an idle row in every batched step
+                idle = codes_only.start(speaker(codes_only.cfg.llm_dim, 9))
         for i, words in enumerate(texts):
             for w in words:
                 codes_only.feed(states[i], w + " ")
             codes_only.end_text(states[i])
         if batched:
+            assert states[1].seg.slot - states[0].seg.slot == 2
             while any(codes_only.has_work(s) for s in states):
                 codes_only.step_many(states)
+            codes_only.release(idle)
         else:
             for s in states:
                 codes_only.run(s)
@@ -145,6 +160,28 @@ def test_step_many_equals_solo(codes_only):
 
     for a, b in zip(run(True), run(False)):
         assert torch.equal(a, b)
+
+
+def test_codes_only_utterance_skips_the_vocoder_beside_a_spoken_one(decoder):
+    """One batched step over a spoken and a codes-only utterance: the codes-only one gets no audio (its chunks
+    never reach DVAE + Vocos) and both keep the codes they get alone."""
+    def speak(with_audio: list[bool]) -> list[list]:
+        states = [decoder.start(speaker(decoder.cfg.llm_dim, 3), greedy=True, with_audio=a) for a in with_audio]
+        for s in states:
+            for w in WORDS:
+                decoder.feed(s, w + " ")
+            decoder.end_text(s)
+        chunks: list[list] = [[] for _ in states]
+        while any(decoder.has_work(s) for s in states):
+            for out, made in zip(chunks, decoder.step_many(states)):
+                out += made
+        return chunks
+
+    spoken, silent = speak([True, False])
+    assert all(c.audio is not None for c in spoken) and all(c.audio is None for c in silent)
+    alone = speak([True])[0]
+    for chunks in (spoken, silent):
+        assert torch.equal(torch.cat([c.codes for c in chunks]), torch.cat([c.codes for c in alone]))
 
 
 def test_sampling_is_reproducible_with_a_seed(codes_only):
@@ -162,10 +199,26 @@ class EosWhileClosing:
     def __init__(self, sampler, state):
         self.sampler, self.state = sampler, state
 
-    def __call__(self, logits, step_in_call, is_bos_step, greedy, generator):
-        codes = self.sampler(logits, step_in_call, is_bos_step, greedy, generator)
-        if self.state.closing and step_in_call >= 10:
+    def __call__(self, logits, step_in_call, bos, greedy, generators):
+        codes = self.sampler(logits, step_in_call, bos, greedy, generators)
+        if self.state.closing and step_in_call >= MIN_NEW_TOKENS:
             return torch.full_like(codes, self.sampler.eos_id)
+        return codes
+
+
+class EosOnlyWhenClosing(EosWhileClosing):
+    """As `EosWhileClosing`, and the model never picks eos itself; records each closing segment's text."""
+
+    def __init__(self, sampler, state):
+        super().__init__(sampler, state)
+        self.closed: list[tuple[str, int]] = []  # (segment text, its TTS tokens)
+
+    def __call__(self, logits, step_in_call, bos, greedy, generators):
+        logits = logits.clone()
+        logits[..., self.sampler.eos_id] = -torch.inf
+        codes = super().__call__(logits, step_in_call, bos, greedy, generators)
+        if bool((codes == self.sampler.eos_id).any()):
+            self.closed.append((self.state.seg_text, self.state.n_text))
         return codes
 
 
@@ -173,7 +226,7 @@ def test_long_text_rolls_over_to_a_new_segment(golden):
     """Past 120 TTS tokens a sentence end closes the segment; once it reaches eos the utterance continues in a
     new segment seeded with the last 5 text tokens and last 50 codes. eos is forced once the segment closes
     (random weights would otherwise decide when it comes)."""
-    dec = TTSDecoder(golden.checkpoint, vocoder=False)
+    dec = SpeechDecoder.from_checkpoint(golden.checkpoint, vocoder=False)
     eos = dec.model.eos_id
     with torch.no_grad():  # make eos unreachable until the segment closes
         dec.model.head_logits(torch.zeros(1, dec.cfg.hidden_size))
@@ -191,13 +244,13 @@ def test_long_text_rolls_over_to_a_new_segment(golden):
     assert state.n_text >= dec.cfg.streaming_text_reserved_len - 180
     closed_text_ids = dec.text.layout(state.seg_text).ids[dec.n_start : dec.n_start + state.n_text]
     dec.model._head_weight.copy_(saved)
-    dec.sampler = EosWhileClosing(dec.sampler, state)
+    dec.generator.sampler = EosWhileClosing(dec.generator.sampler, state)
     chunks += dec.push_text(state, "and then the answer goes on after the break")
     assert state.segment == 1
     assert [c.end_of_segment for c in chunks].count(True) == (2 if state.done else 1)
     first_end = [c.end_of_segment for c in chunks].index(True)
     segment0 = torch.cat([c.codes for c in chunks[: first_end + 1]])
-    assert torch.equal(torch.stack(state.gen.codes[:50]), segment0[-50:])
+    assert torch.equal(torch.stack(state.seg.codes[:50]), segment0[-50:])
     assert state.seg_text.startswith(dec.text.decode(closed_text_ids[-5:]))
     assert state.seg_text.endswith("and then the answer goes on after the break")
     chunks += dec.finish(state)
@@ -217,20 +270,82 @@ def test_bad_inputs_have_clear_errors(codes_only):
     with pytest.raises(EmptyTextError):
         codes_only.finish(state)
     state = codes_only.start(speaker(dim, 5))
-    with pytest.raises(TextTooLongError, match="sentence ends"):
-        codes_only.feed(state, "word " * 400)
-    assert state.n_text == 0  # the rejected piece left the utterance unchanged
     codes_only.feed(state, "short text.")
     codes_only.end_text(state)
     with pytest.raises(TTSInputError, match="after finish"):
         codes_only.feed(state, "more")
     with pytest.raises(EmptyTextError):
         codes_only.synthesize(speaker(dim, 5), " ")
+    codes_only.release(state)
+
+
+STORY = ("the sea was calm and the small boat went on and on under a grey sky while the old man told a story about "
+         "the waves and the wind and the long nights").split()
+STORY_PIECES = [" ".join(STORY[j % len(STORY)] for j in range(i, i + 3)) + " " for i in range(0, 700, 3)]
+UNBROKEN_PIECES = ["and then he said ", *["你好你好你好"] * 110]  # then no space at all: cuts at the token limit
+
+
+@pytest.mark.parametrize("pieces", [STORY_PIECES, UNBROKEN_PIECES], ids=["1000-words", "no-spaces"])
+def test_long_unpunctuated_text_is_spoken_whole_in_rolled_over_segments(golden, pieces):
+    """Long text without a single punctuation mark (1000+ TTS tokens of words; 600+ of characters without spaces),
+    pushed a few words at a time: no error, every segment is cut before the 300 reserved slots overflow and rolls
+    over (seeded with its last 5 text tokens), and the segments' new texts add up to the whole text."""
+    dec = SpeechDecoder.from_checkpoint(golden.checkpoint, vocoder=False)
+    state = dec.start(speaker(dec.cfg.llm_dim, 8), greedy=True)
+    dec.generator.sampler = sampler = EosOnlyWhenClosing(dec.generator.sampler, state)
+    text = "".join(pieces)
+    n_text = dec.text.count(text)
+    assert n_text > (1000 if pieces is STORY_PIECES else 600)
+    chunks = []
+    for piece in pieces:
+        chunks += dec.push_text(state, piece)
+    chunks += dec.finish(state)
+    assert state.done and not state.pending
+    segments = sampler.closed + [(state.seg_text, state.n_text)]
+    assert len(segments) == state.segment + 1 >= math.ceil(n_text / dec.text.max_text_tokens)
+    assert [c.end_of_segment for c in chunks].count(True) == len(segments)
+    spoken = segments[0][0]
+    for (prev, n_prev), (seg, _) in itertools.pairwise(segments):
+        assert n_prev <= dec.text.max_text_tokens
+        seed_ids = dec.text.layout(prev).ids[dec.n_start + n_prev - SEED_TEXT_TOKENS : dec.n_start + n_prev]
+        seed = dec.text.decode(seed_ids)
+        assert seg.startswith(seed) and len(seg) > len(seed)
+        spoken += seg[len(seed) :]
+    assert spoken == text
+    assert torch.equal(torch.cat([c.codes for c in chunks]), torch.stack(state.codes))
+
+
+def test_utterances_give_their_kv_slots_back(golden):
+    dec = SpeechDecoder.from_checkpoint(golden.checkpoint, vocoder=False, max_utterances=2)
+    pool = dec.generator.pool
+    spk = speaker(dec.cfg.llm_dim, 11)
+    finished, cancelled = dec.start(spk, greedy=True), dec.start(spk, greedy=True)
+    with pytest.raises(KVPoolFullError):
+        dec.start(spk)
+    dec.push_text(finished, " ".join(WORDS[:6]))
+    dec.finish(finished)  # done: its slot is free again
+    assert pool.in_use == 1
+    dec.push_text(cancelled, " ".join(WORDS[:6]))
+    dec.release(cancelled)
+    assert pool.in_use == 0 and not dec.has_work(cancelled)
+
+    async def cancel_mid_step() -> list:
+        batcher = StepBatcher(dec)
+        state = dec.start(spk, greedy=True)
+        call = asyncio.create_task(batcher.push_text(state, " ".join(WORDS)))
+        await asyncio.sleep(0)  # the call is queued and the worker started
+        batcher.forget(state)  # while the worker may be stepping it: released between two ticks
+        assert pool.in_use == 1
+        chunks = await call
+        assert pool.in_use == 0
+        return chunks
+
+    assert isinstance(asyncio.run(cancel_mid_step()), list)
 
 
 def test_runs_in_bfloat16(golden):
     """The GPU dtype path (bf16 weights, KV and masks; float32 sampling, FSQ and ISTFT) works end to end."""
-    dec = TTSDecoder(golden.checkpoint, dtype=torch.bfloat16)
+    dec = SpeechDecoder.from_checkpoint(golden.checkpoint, dtype=torch.bfloat16)
     state = dec.start(speaker(dec.cfg.llm_dim, 6), seed=0)
     chunks = dec.push_text(state, " ".join(WORDS[:8])) + dec.finish(state)
     assert chunks and chunks[-1].end_of_segment

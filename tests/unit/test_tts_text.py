@@ -59,3 +59,23 @@ def test_layout_pads_to_condition_length(text):
 def test_layout_rejects_text_over_the_reserved_slots(text):
     with pytest.raises(TextTooLongError, match="reserved"):
         text.layout("word " * (text.reserved + 5))
+
+
+def test_cut_keeps_a_segment_within_the_limit_at_the_best_boundary(text):
+    """Over-long segment text ends after its last sentence end in the window of `least`..`limit` tokens, else
+    its last clause mark, else its last space; with no boundary there it is cut at exactly the limit."""
+    limit, least, filler = 30, 10, "word " * 40
+    head = "one two three four five six seven eight nine ten eleven"
+    for string, segment in (
+        (f"{head}. twelve, thirteen " + filler, f"{head}."),
+        (f"{head}, twelve thirteen " + filler, f"{head},"),
+        ("one. two, three " + filler, None),  # marks before the window do not count: the last space wins
+    ):
+        cut = text.cut(string, limit, least)
+        assert text.count(string[:cut]) <= limit
+        if segment is None:
+            assert string[:cut].endswith("word ") and text.count(string[: cut + 5]) > limit
+        else:
+            assert string[:cut] == segment
+    unbroken = "said " + "你好" * 40  # a space, but before the window, then one token per character
+    assert text.count(unbroken[: text.cut(unbroken, limit, least)]) == limit
