@@ -32,7 +32,8 @@ import redis.asyncio as aioredis
 
 from services.gateway.auth import check_owner
 from services.runtime.errors import FailedPrecondition, InvalidArgument
-from services.runtime.ownership import SessionKeys, SessionNotFound, missing_sessions, redis_client, store_errors
+from services.runtime.ownership import (LUA_REFRESH, SessionKeys, SessionNotFound, missing_sessions, redis_client,
+                                       store_errors)
 
 TURN_STATES = ("idle", "user_turn", "answering", "interrupted", "answered")
 
@@ -80,14 +81,6 @@ class LiveInput:
     units: int = 0
 
 
-_LUA_REFRESH = """
-local function refresh(ttl)
-  for i = 1, #KEYS do
-    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ttl) end
-  end
-end
-"""
-
 # KEYS[1] = rec; ARGV: ttl, field1, value1, ... -> 1 created / 0 already exists (never overwritten).
 _LUA_CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -103,7 +96,7 @@ return 1
 #   mode 'begin': as 'set', and the new answering turn is leased to the answer id
 #   mode 'end':   only the answer that holds the turn may end it (others: returns 'STALE')
 #   mode 'force': always (Interrupt)
-_LUA_TURN = _LUA_REFRESH + """
+_LUA_TURN = LUA_REFRESH + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('GONE') end
 local now = tonumber(ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'turn', 'answer_id', 'answer_deadline')
@@ -128,7 +121,7 @@ return prev
 
 # Live input of one AppendUnit call, with the user turn started when it begins one. ARGV: ttl, now, start turn
 # (0/1), lease unused, pcm, frame, units -> previous turn ('' when not starting), or error 'GONE' / 'TURN <prev>'.
-_LUA_INPUT = _LUA_REFRESH + """
+_LUA_INPUT = LUA_REFRESH + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('GONE') end
 local prev = ''
 if ARGV[3] == '1' then
@@ -147,7 +140,7 @@ return prev
 """
 
 # ARGV: ttl, now, answer id, lease seconds -> 1 extended / 0 the answer no longer holds the turn.
-_LUA_HEARTBEAT = _LUA_REFRESH + """
+_LUA_HEARTBEAT = LUA_REFRESH + """
 local h = redis.call('HMGET', KEYS[1], 'turn', 'answer_id')
 if h[1] ~= 'answering' or h[2] ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], 'answer_deadline', tonumber(ARGV[2]) + tonumber(ARGV[4]), 'updated_at', ARGV[2])

@@ -31,13 +31,12 @@ import asyncio
 import itertools
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from services.common.bench_checkpoints import tiny_checkpoint
 from services.common.config import small_config
 from services.common.generation import GREEDY
 from services.llm_core.engine import LLMEngine
@@ -52,20 +51,10 @@ CONTEXT_TOKENS = (256, 1024, 4096, 8192)
 CONTEXT_SESSIONS = 16
 
 
-def tiny_model_dir() -> Path:
-    """The golden tiny checkpoint (`$GOLDEN_DIR/checkpoint`, default ../shared/golden), else a generated one."""
-    golden = Path(os.environ.get("GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
-    if (golden / "checkpoint" / "config.json").is_file():
-        return golden / "checkpoint"
-    from services.common.tiny_checkpoint import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="minicpmo-tiny-")))
-
-
 def load_config(name: str, device: str) -> LLMModel:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if name == "tiny":
-        return load_llm_model(tiny_model_dir(), device=device, dtype=dtype)
+        return load_llm_model(tiny_checkpoint(), device=device, dtype=dtype)
     if name == "small":
         return random_llm_model(small_config(), device=device, dtype=dtype)
     raise ValueError(f"unknown bench config {name!r} (tiny, small)")

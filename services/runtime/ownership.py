@@ -127,13 +127,16 @@ class LogCounters:
     bytes: int  # bytes of the written role's log
 
 
-# Shared Lua prologue: refresh the TTL of every existing key of the session (they expire together).
-_LUA_REFRESH = """
+# Lua prologue of every script over a session's keys (here and the gateway's): refresh the TTL of every existing
+# key of the session (they expire together).
+LUA_REFRESH = """
 local function refresh(ttl)
   for i = 1, #KEYS do
     if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ttl) end
   end
 end
+"""
+_LUA_REFRESH = LUA_REFRESH + """
 local function gone() return redis.call('EXISTS', KEYS[1]) == 0 end
 local function owns(lease, replica, epoch)
   return redis.call('HGET', lease, 'owner') == replica and redis.call('HGET', lease, 'epoch') == epoch

@@ -1,18 +1,20 @@
-"""Continuous-batching LLM engine: per-session KV in one arena, batched prefill + decode steps."""
+"""Continuous-batching LLM engine: per-session KV in one arena, batched prefill + decode steps.
+
+The package's public names, wherever they are defined (its errors come from the scheduler, the KV arena and the
+sampler too)."""
 
 from services.llm_core.engine.engine import (
-    ContextLengthError,
-    EngineFullError,
     EngineInputError,
     GenEvent,
     LLMEngine,
-    NonFiniteScoresError,
     NumericsCheckError,
     PrefillResult,
     SessionBusyError,
     SessionDroppedError,
-    SessionStateError,
 )
+from services.llm_core.engine.kv_cache import EngineFullError
+from services.llm_core.engine.scheduler import ContextLengthError, SessionStateError
+from services.llm_core.sampling import NonFiniteScoresError
 
 __all__ = [
     "ContextLengthError",

@@ -41,33 +41,12 @@ import torch
 from services.common.generation import SamplingParams
 from services.llm_core.engine.attention import SeqSpan
 from services.llm_core.engine.cuda_graphs import KERNEL_BLOCK
-from services.llm_core.engine.kv_cache import EngineFullError, KVAllocator, KVArena
+from services.llm_core.engine.kv_cache import KVAllocator, KVArena
 from services.llm_core.engine.runner import ForwardBatch, ModelRunner
-from services.llm_core.engine.scheduler import (
-    ContextLengthError,
-    PrefillChunk,
-    Request,
-    ScheduledBatch,
-    Scheduler,
-    SessionStateError,
-)
+from services.llm_core.engine.scheduler import PrefillChunk, Request, ScheduledBatch, Scheduler, SessionStateError
 from services.llm_core.model import LLMModel
 from services.llm_core.sampling import NON_FINITE, NonFiniteScoresError, sample_next
 from services.runtime.errors import FailedPrecondition, Internal, InvalidArgument
-
-__all__ = [  # the engine's errors are imported from here, wherever they are defined
-    "ContextLengthError",
-    "EngineFullError",
-    "EngineInputError",
-    "GenEvent",
-    "LLMEngine",
-    "NonFiniteScoresError",
-    "NumericsCheckError",
-    "PrefillResult",
-    "SessionBusyError",
-    "SessionDroppedError",
-    "SessionStateError",
-]
 
 CANARY_TOKENS = 8  # rows of the fixed prompt `check_numerics` runs (then one decode row)
 
