@@ -27,7 +27,7 @@ from services.common.tensor_codec import from_proto, to_proto
 from services.runtime import metrics
 from services.runtime.ownership import Fence, OwnershipStore
 from services.runtime.batching import Batcher, each_alone_on_error, result_of
-from services.runtime.replica import device_alive, limit_threads, off_loop, replica_dtype
+from services.runtime.replica import device_alive, limit_threads, off_loop, replica_dtype, reports_startup
 from services.runtime.routing import SessionAffinityReplica, replica_id
 from services.runtime.session_stage import SessionStage
 
@@ -42,6 +42,7 @@ def _embeddings(items: list[torch.Tensor]) -> tensor_pb2.Embeddings:
 class AudioEncoder(SessionStage, SessionAffinityReplica):
     role = "audio"
 
+    @reports_startup
     def __init__(self, model_dir: str, device: str = "cpu", redis_url: str | None = None, session_ttl_s: int = 600):
         limit_threads()
         self.device = device

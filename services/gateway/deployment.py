@@ -27,12 +27,14 @@ from services.gateway.requests import Limits
 from services.gateway.servicer import GatewayServicer
 from services.gateway.sessions import SessionRecords
 from services.gateway.stages import RayStages
+from services.runtime.replica import reports_startup
 from services.runtime.routing import SessionAffinityReplica
 
 
 @serve.deployment(name="Gateway")
 @serve.ingress()
 class Gateway(GatewayServicer, SessionAffinityReplica):
+    @reports_startup
     def __init__(self, model_dir: str, redis_url: str, api_keys: list[str] | str | None, limits: Limits,
                  vision, audio, llm, tts):  # fmt: skip
         self.auth = ApiKeyAuth.from_config(api_keys)

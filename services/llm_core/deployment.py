@@ -35,7 +35,7 @@ from services.llm_core.model import load_llm_model
 from services.runtime import metrics
 from services.runtime.errors import InvalidArgument, Unavailable
 from services.runtime.ownership import Fence, OwnershipStore, SessionLimitExceeded
-from services.runtime.replica import limit_threads, replica_dtype
+from services.runtime.replica import limit_threads, replica_dtype, reports_startup
 from services.runtime.routing import SessionAffinityReplica, replica_id
 from services.runtime.session_stage import SessionStage
 
@@ -93,6 +93,7 @@ def _answer_events(answer: replay_pb2.LoggedAnswer, prompt_tokens: int) -> list[
 class LLMCore(SessionStage, SessionAffinityReplica):
     role = "llm"
 
+    @reports_startup
     def __init__(
         self,
         model_dir: str,

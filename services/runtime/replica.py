@@ -1,18 +1,23 @@
 """What every model replica of the pipeline does the same way: dtype per device, CPU thread budget, health of
-its device, and blocking model calls off the replica's event loop (so health checks and other sessions stay
-responsive)."""
+its device, blocking model calls off the replica's event loop (so health checks and other sessions stay
+responsive), and a log line saying how long it took to start."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import logging
 import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 
 T = TypeVar("T")
+log = logging.getLogger("ray.serve")
 
 
 def replica_dtype(device: str) -> torch.dtype:
@@ -43,3 +48,25 @@ def detached(fn: Callable[..., T], *args) -> T:
     request being served. Ray Serve tags a call made while serving a request with that request's ids, and two
     calls with the same ids that overlap on one replica do not both get through."""
     return contextvars.Context().run(fn, *args)
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc: its start time in clock ticks after boot)."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def reports_startup(init: Callable[..., None]) -> Callable[..., None]:
+    """Decorates a replica's `__init__`: logs its constructor time (weights, warm-up) and its time since the
+    process started (worker start + imports + constructor), the parts of a replacement's delay that are ours;
+    the rest is Ray Serve noticing the death and placing the new actor."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs) -> None:
+        started = time.monotonic()
+        init(self, *args, **kwargs)
+        log.info("%s ready: constructor %.2f s, process started %.2f s ago", type(self).__name__,
+                 time.monotonic() - started, process_age_s())  # fmt: skip
+
+    return wrapper

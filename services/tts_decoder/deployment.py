@@ -32,7 +32,8 @@ from services.common.audio import SPEECH_SAMPLE_RATE
 from services.common.tensor_codec import from_proto, to_proto
 from services.runtime import metrics
 from services.runtime.batching import Batcher, result_of
-from services.runtime.replica import detached, device_alive, limit_threads, off_loop, replica_dtype
+from services.runtime.replica import (detached, device_alive, limit_threads, off_loop, replica_dtype,
+                                      reports_startup)
 from services.runtime.routing import SessionAffinityReplica
 from services.tts_decoder.streaming import SpeechChunk, SpeechDecoder, StepBatcher
 from services.tts_decoder.text import EmptyTextError
@@ -63,6 +64,7 @@ def _chunk_msg(c: SpeechChunk, audio: torch.Tensor | None) -> tts_pb2.SpeechChun
 
 @serve.deployment(name="TTSDecoder")
 class TTSDecoder(SessionAffinityReplica):
+    @reports_startup
     def __init__(self, model_dir: str, device: str = "cpu", vocoder=None, idle_timeout_s: float = 60.0,
                  max_utterances: int = 32):
         """`vocoder`: a handle of the Vocoder deployment, or None to run DVAE + Vocos in this replica.
@@ -216,6 +218,7 @@ async def _release(vocoder, ref: tts_pb2.UtteranceRef) -> None:
 
 @serve.deployment(name="Vocoder")
 class Vocoder(SessionAffinityReplica):
+    @reports_startup
     def __init__(self, model_dir: str, device: str = "cpu", idle_timeout_s: float = 60.0):
         limit_threads()
         self.device = device
