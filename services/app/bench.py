@@ -119,13 +119,15 @@ class DeployedPath:
         await self._stub().CloseSession(omni_pb2.CloseSessionRequest(session_id=sid), metadata=self._md(sid))
 
     def replica_pids(self) -> dict[str, list[int]]:
-        from ray.util.state import list_actors
+        """Stage name -> PIDs of its live replicas, from the GCS actor table (`ray.util.state` would need the
+        dashboard, which this cluster does not start)."""
+        from ray._private import state
 
         pids: dict[str, list[int]] = {name: [] for name in STAGE_NAMES}
-        for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        for info in state.actors().values():
             for name in STAGE_NAMES:
-                if f"#{name}#" in (actor.name or ""):
-                    pids[name].append(actor.pid)
+                if info["State"] == "ALIVE" and f"#{name}#" in info["Name"]:
+                    pids[name].append(info["Pid"])
         return pids
 
     async def aclose(self) -> None:
@@ -145,7 +147,7 @@ class InProcessPath:
 
     name = "in-process"
 
-    def __init__(self, model_dir: str, device: str, redis_url: str):
+    def __init__(self, model_dir: str, device: str, redis_url: str, **llm_kwargs: Any):
         from services.app.local import LocalStages
         from services.gateway.auth import key_hash
         from services.gateway.context import GatewayContext
@@ -153,7 +155,7 @@ class InProcessPath:
         from services.gateway.requests import Limits
         from services.gateway.sessions import SessionRecords
 
-        self.stages = LocalStages(model_dir, device, redis_url)
+        self.stages = LocalStages(model_dir, device, redis_url, **llm_kwargs)  # LLMCore's init_kwargs
         ctx = GatewayContext.from_model_dir(model_dir, self.stages, Limits())
         self.records = SessionRecords.from_url(redis_url)
         self.live = LiveSessions(ctx, self.records)

@@ -24,7 +24,11 @@ STAGES: dict[str, str] = {
     "llm": "services.llm_core.bench",
     "tts": "services.tts_decoder.bench",
     "pipeline": "services.app.bench",
+    "live": "services.app.bench_live",
+    "gpu": "services.app.bench_gpu",
 }
+# Not part of `bench all`: `gpu` needs a CUDA device and the real config's memory.
+ALL = ("vision", "audio", "llm", "tts", "pipeline", "live")
 
 
 def register_cli(sub: argparse._SubParsersAction, name: str) -> None:
@@ -72,7 +76,7 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    stages = list(ALL) if args.stage == "all" else [args.stage]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for stage in stages:
