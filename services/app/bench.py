@@ -31,6 +31,7 @@ APP = "minicpmo-bench"
 CONCURRENCY = (1, 8, 32)
 PIECE_S = 0.2
 ANSWER_EVERY = 5  # units between two spoken answers in the capacity runs
+WARM_UP_UNITS = 3
 CAPACITY_P95_S = 1.0
 STAGE_NAMES = ("Gateway", "VisionEncoder", "AudioEncoder", "LLMCore", "TTSDecoder")
 
@@ -198,13 +199,14 @@ async def first_audio(path, sid: str, opts) -> float:
 
 async def unit_and_ttfa(path, frame: bytes, pcm: np.ndarray, reps: int) -> tuple[list[float], list[float]]:
     sid = await path.create()
-    await path.append(sid, unit_request(sid, frame, pcm))  # warm-up
+    for _ in range(WARM_UP_UNITS):  # first calls of each replica (allocations, lazy imports) are not the steady state
+        await path.append(sid, unit_request(sid, frame, pcm))
     unit, ttfa = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
         await path.append(sid, unit_request(sid, frame, pcm))
         unit.append(time.perf_counter() - t0)
-    for _ in range(max(2, reps // 3)):
+    for _ in range(max(2, reps // 8)):
         await path.append(sid, unit_request(sid, frame, pcm))
         ttfa.append(await first_audio(path, sid, speech_options(24)))
     await path.close_session(sid)
@@ -287,7 +289,7 @@ def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
 
 
 async def run_path(path, config: str, frame: bytes, pcm: np.ndarray, quick: bool) -> list[dict[str, Any]]:
-    reps, units = (4, 2) if quick else (12, 4)
+    reps, units = (4, 2) if quick else (32, 4)
     row = {"config": config, "path": path.name}
     unit, ttfa = await unit_and_ttfa(path, frame, pcm, reps)
     rows = [{**row, "metric": "unit", **stats_ms(unit)}, {**row, "metric": "ttfa", **stats_ms(ttfa)}]
