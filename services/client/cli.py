@@ -49,6 +49,7 @@ def register_session(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--video", type=Path, help="a folder of frames, one per second, sent with the audio")
     p.add_argument("--text", default="", help="text to add after the audio")
     p.add_argument("--reference-voice", type=Path, help="a voice to clone (audio file)")
+    p.add_argument("--instructions", default="", help="your own instructions, added to the system prompt")
     p.add_argument("--realtime", action="store_true", help="pace the chunks at real time")
     _client_args(p)
     p.set_defaults(func=session_main)
@@ -146,7 +147,8 @@ def session_main(args: argparse.Namespace) -> int:
     frames = read_frames(args.video) if args.video else []
     ref = read_audio(args.reference_voice) if args.reference_voice else (None, 16000)
     with MiniCPMOClient(args.target, api_key=args.api_key) as client:
-        sid = client.create_session(reference_voice=ref[0], ref_sample_rate=ref[1]).session_id
+        sid = client.create_session(reference_voice=ref[0], ref_sample_rate=ref[1],
+                                    instructions=args.instructions).session_id
         print(f"session {sid}", file=sys.stderr)
         try:
             step = 3200  # 200 ms

@@ -203,8 +203,9 @@ class MiniCPMOClient:
         reference_voice: np.ndarray | None = None,
         ref_sample_rate: int = 16000,
         options: omni_pb2.GenerationOptions | None = None,
+        instructions: str = "",
     ) -> omni_pb2.SessionInfo:
-        req = omni_pb2.CreateSessionRequest(mode=mode, language=language)
+        req = omni_pb2.CreateSessionRequest(mode=mode, language=language, instructions=instructions)
         if reference_voice is not None:
             req.reference_voice.CopyFrom(audio_msg(reference_voice, ref_sample_rate))
         if options is not None:

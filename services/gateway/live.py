@@ -49,6 +49,7 @@ from services.gateway.prompts import (
     assistant_prefix,
     build_streaming_prefill,
     system_prompt,
+    with_instructions,
 )
 from services.gateway.requests import (
     VOICE_MODES,
@@ -162,13 +163,20 @@ class LiveSessions:
         if request.reference_voice.pcm:
             ref = decode_pcm(request.reference_voice, self.limits.max_audio_seconds, "reference_voice")
         msg = system_prompt(mode, lang, AudioRef(ref.shape[0]) if ref is not None else None)
+        if request.instructions:
+            msg = with_instructions(msg, check_text(request.instructions, self.limits, "instructions"))
+        # The system prompt starts the session (upstream: a new session id, rendered with the TTS template); its
+        # audio goes through a throwaway Whisper stream, as upstream drops that cache afterwards.
+        prompt = build_streaming_prefill(msg, StreamingPromptState(), self.ctx.tokenizer, settings=self.settings)
+        most = self.limits.context_keep_tokens // 2  # every window roll keeps the system prompt whole
+        if len(prompt.input_ids) > most:
+            raise LimitExceeded(f"the system prompt (mode prompt, reference voice, instructions) would take "
+                                f"{len(prompt.input_ids)} tokens; a live session allows {most} (half of the context "
+                                f"it keeps when its window rolls): shorten the instructions or the reference voice")
         options = {"generation": base64.b64encode(request.options.SerializeToString()).decode()}
         record = await self.records.create(caller, mode, lang, options)
         sid = record.session_id
         try:
-            # The system prompt starts the session (upstream: a new session id, rendered with the TTS template);
-            # its audio goes through a throwaway Whisper stream, as upstream drops that cache afterwards.
-            prompt = build_streaming_prefill(msg, StreamingPromptState(), self.ctx.tokenizer, settings=self.settings)
             pieces = []
             if ref is not None:
                 chunk = audio_pb2.EncodeChunkRequest(session_id=sid, pcm=to_proto(torch.from_numpy(ref)), fresh=True)

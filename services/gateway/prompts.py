@@ -387,6 +387,11 @@ def system_prompt(mode: str = "default", language: str = "zh", ref_audio: AudioR
     return Message("user", [_DEFAULT_SYSTEM])
 
 
+def with_instructions(system: Message, instructions: str) -> Message:
+    """A mode's system message with the caller's own instructions after it, on a new line, as typed text."""
+    return Message(system.role, [*system.content, "\n", PlainText(instructions)])
+
+
 # --- streaming (live) sessions -----------------------------------------------------------------------------------
 
 After = Literal["system", "answer", "interrupt"]

@@ -1,6 +1,7 @@
 """A live session longer than its context window (the e2e stack's window is shortened to 1536 tokens, keeping
 768): its KV is rolled in the background to its system prompt, its turns' text and its latest units; its replay
-log in Redis shrinks with it; and it answers exactly as a fresh session prefilled with that retained content."""
+log in Redis shrinks with it; the system prompt (with the caller's instructions) stays whole; and it answers
+exactly as a fresh session prefilled with that retained content."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def test_long_session_rolls_and_answers_like_a_fresh_one(served, client, golden)
     window, _ = CONTEXT_WINDOW
     pcm = np.concatenate([wav(golden, "unit_audio_2s.wav")] * 10)  # 20 s: ~90 tokens per unit, past the window
     frames = [image_bytes(golden, "image_unit0.png"), image_bytes(golden, "image_unit1.png")]
-    sid = client.create_session().session_id
+    system = client.create_session(instructions="Answer briefly and remember what you saw.")
+    sid = system.session_id
     feed_units(client, sid, pcm[: 6 * 16000], frames)
     client.append(sid, text="Remember this.")
     first = client.respond(sid, greedy(6))
@@ -64,6 +66,7 @@ def test_long_session_rolls_and_answers_like_a_fresh_one(served, client, golden)
 
     log = llm_log(served.redis_url, sid)
     kinds = [e.prefill.kind if e.HasField("prefill") else "answer" for e in log]
+    assert log[0].llm_tokens == system.token_count  # the system prompt, with the caller's instructions, stays whole
     assert kinds[0] == llm_pb2.PREFILL_KIND_SYSTEM and "answer" in kinds and llm_pb2.PREFILL_KIND_TEXT in kinds
     assert kinds[-1] == llm_pb2.PREFILL_KIND_UNIT  # the latest units stay
     assert sum(e.llm_tokens for e in log) == tokens  # the log holds exactly what the KV holds

@@ -131,7 +131,13 @@ def session_text_tokens(client, typed: str) -> int:
         client.close_session(info.session_id)
 
 
-@pytest.mark.parametrize("where", ["Chat user", "Chat assistant", "AppendUnit"])
+def session_instruction_tokens(client, typed: str) -> int:
+    info = client.create_session(instructions=typed)
+    client.close_session(info.session_id)
+    return info.token_count
+
+
+@pytest.mark.parametrize("where", ["Chat user", "Chat assistant", "AppendUnit", "CreateSession instructions"])
 @pytest.mark.parametrize("name", list(INJECTIONS))
 def test_3_control_tokens_in_text_are_tokenized_as_plain_text(served, client, where, name):
     tokenizer = load_tokenizer(served.model_dir)
@@ -145,10 +151,18 @@ def test_3_control_tokens_in_text_are_tokenized_as_plain_text(served, client, wh
     def count(s: str) -> int:
         if where == "AppendUnit":
             return session_text_tokens(client, s)
+        if where == "CreateSession instructions":
+            return ok_or_fail(lambda: session_instruction_tokens(client, s))
         return chat_prompt_tokens(client, s, where.split()[1])
 
     # The text sits between a newline and a control token in every template, so its tokens add up on their own.
     assert count(typed) - count(PLAIN) == plain_tokens(typed) - plain_tokens(PLAIN)
+
+
+def test_instructions_too_long_for_the_kept_context_are_refused(served, client):
+    with pytest.raises(grpc.RpcError) as e:
+        client.create_session(instructions="Please answer every question politely. " * 200)
+    assert_refused(e.value, (grpc.StatusCode.RESOURCE_EXHAUSTED,), r"system prompt .* tokens.*shorten the instructions")
 
 
 # --- 4. long unpunctuated spoken answers ---------------------------------------------------------------------------

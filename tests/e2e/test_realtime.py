@@ -149,6 +149,35 @@ def test_speech_during_an_answer_cancels_it(realtime, golden):
     assert second[-1].response.status in ("completed", "incomplete") and second[-1].response.usage.output_tokens <= 6
 
 
+def test_instructions_are_set_before_the_conversation_and_fixed_after_it_started(realtime):
+    async def ask(conn, question: str) -> list:
+        await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": question}]})  # fmt: skip
+        await events_until(conn, "conversation.item.done")
+        await conn.response.create(response={"output_modalities": ["text"], "max_output_tokens": 4})
+        return await events_until(conn, "response.done")
+
+    async def run():
+        async with realtime() as conn:
+            await conn.recv()  # session.created
+            await conn.session.update(session={"type": "realtime", "instructions": "Answer in one word.",
+                                               "audio": {"input": {"turn_detection": None}}})  # fmt: skip
+            updated = await events_until(conn, "session.updated")
+            first = await ask(conn, "Hello")
+            await conn.send_raw(json.dumps({"type": "session.update", "session": {"instructions": "Be a pirate."}}))
+            refused = await conn.recv()
+            second = await ask(conn, "And now?")
+        return updated, first, refused, second
+
+    updated, first, refused, second = asyncio.run(run())
+    assert updated[-1].session.instructions == "Answer in one word."
+    assert refused.type == "error" and refused.error.param == "session.instructions"
+    assert "fixed once the conversation has started" in refused.error.message
+    for answer in (first, second):
+        assert answer[-1].response.status in ("completed", "incomplete")
+        assert answer[-1].response.usage.output_tokens <= 4
+
+
 def test_bad_events_get_errors_and_the_conversation_goes_on(realtime, golden):
     png = image_bytes(golden, "image_small.png")
 
@@ -162,7 +191,6 @@ def test_bad_events_get_errors_and_the_conversation_goes_on(realtime, golden):
                 json.dumps({"type": "input_audio_buffer.shout"}),
                 json.dumps({"type": "input_audio_buffer.append", "audio": "***", "event_id": "evt_1"}),
                 json.dumps({"type": "response.cancel"}),
-                json.dumps({"type": "session.update", "session": {"instructions": "Be a pirate."}}),
                 json.dumps({"type": "session.update", "session": {"audio": {"output": {"voice": "alloy"}}}}),
             ]
             for bad in bad_events:
@@ -183,14 +211,13 @@ def test_bad_events_get_errors_and_the_conversation_goes_on(realtime, golden):
         return errors, updated, added, committed, answer
 
     errors, updated, added, committed, answer = asyncio.run(run())
-    assert [e.type for e in errors] == ["error"] * 7
+    assert [e.type for e in errors] == ["error"] * 6
     codes = [(e.error.type, e.error.param) for e in errors]
     assert codes[0][0] == codes[1][0] == codes[2][0] == "invalid_request_error"
     assert "binary" in errors[1].error.message and "shout" in errors[2].error.message
     assert codes[3] == ("invalid_request_error", "audio") and errors[3].error.event_id == "evt_1"
     assert codes[4][0] == "conflict_error"
-    assert codes[5] == ("invalid_request_error", "session.instructions")
-    assert codes[6] == ("invalid_request_error", "session.audio.output.voice")
+    assert codes[5] == ("invalid_request_error", "session.audio.output.voice")
     assert updated[-1].session.audio.input.turn_detection is None
     assert added[-1].item.content[1].text == "What is in the picture?"
     assert committed[-1].type == "input_audio_buffer.committed"

@@ -211,7 +211,8 @@ def chat_requests(draw) -> omni_pb2.ChatRequest:
 
 @st.composite
 def create_session_requests(draw) -> omni_pb2.CreateSessionRequest:
-    req = omni_pb2.CreateSessionRequest(mode=draw(enum_values(omni_pb2.VoiceMode)), language=draw(languages()))
+    req = omni_pb2.CreateSessionRequest(mode=draw(enum_values(omni_pb2.VoiceMode)), language=draw(languages()),
+                                        instructions=draw(st.one_of(st.just(""), texts())))
     if draw(st.booleans()):
         req.reference_voice.CopyFrom(draw(audios()))
     if draw(st.booleans()):

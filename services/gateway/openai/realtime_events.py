@@ -25,7 +25,7 @@ from services.gateway.openai.chat_completions import MODEL_ID, VOICES, check_mod
 from services.gateway.openai.errors import validation_error
 from services.gateway.openai.media import InvalidParam, input_audio
 from services.gateway.openai.vad import VadSettings
-from services.gateway.requests import Limits, decode_pcm, sampling_params
+from services.gateway.requests import Limits, check_text, decode_pcm, sampling_params
 
 INPUT_RATES = (24000, 16000)
 
@@ -183,6 +183,7 @@ class SessionConfig:
     """What `session.update` sets (`updated`); the voice is fixed once the live session exists."""
 
     voice: str = "omni"
+    instructions: str = ""  # appended to the voice mode's system prompt
     reference_voice: omni_pb2.Audio | None = None
     output_modalities: tuple[str, ...] = ("audio",)
     input_rate: int = 24000
@@ -195,15 +196,15 @@ class SessionConfig:
         `started`: the live session exists (its system prompt, with the voice, is in)."""
         if update.model is not None:
             check_model(update.model)
-        if update.instructions:
-            raise InvalidParam(
-                "free-text instructions are not supported: the system prompt is one of the model's voice modes; "
-                f"choose one with session.audio.output.voice ({list(VOICES)})",
-                "session.instructions",
-            )
+        changes: dict[str, Any] = {}
+        if update.instructions is not None and update.instructions != self.instructions:
+            if started:
+                raise InvalidParam("instructions are part of the system prompt, which is fixed once the "
+                                   "conversation has started: set them in the first session.update",
+                                   "session.instructions")  # fmt: skip
+            changes["instructions"] = check_text(update.instructions, limits, "session.instructions")
         audio = update.audio or AudioConfig()
         inp, out = audio.input or InputAudioConfig(), audio.output or OutputAudioConfig()
-        changes: dict[str, Any] = {}
         if out.voice is not None and out.voice != self.voice:
             if out.voice not in VOICES:
                 raise InvalidParam(f"voice {out.voice!r} is not a voice here; use one of {list(VOICES)}",
@@ -250,7 +251,8 @@ class SessionConfig:
         return opts
 
     def create_request(self) -> omni_pb2.CreateSessionRequest:
-        req = omni_pb2.CreateSessionRequest(mode=VOICES[self.voice], options=self.options())
+        req = omni_pb2.CreateSessionRequest(mode=VOICES[self.voice], options=self.options(),
+                                            instructions=self.instructions)
         if self.reference_voice is not None:
             req.reference_voice.CopyFrom(self.reference_voice)
         return req
@@ -260,7 +262,7 @@ class SessionConfig:
         vad = self.turn_detection.model_dump() if self.turn_detection is not None else None
         session = {
             "type": "realtime", "object": "realtime.session", "id": session_id, "model": MODEL_ID,
-            "output_modalities": list(self.output_modalities), "instructions": "",
+            "output_modalities": list(self.output_modalities), "instructions": self.instructions,
             "max_output_tokens": self.max_output_tokens,
             "audio": {
                 "input": {"format": {"type": "audio/pcm", "rate": self.input_rate}, "turn_detection": vad,
