@@ -181,7 +181,8 @@ async function start() {
     const output = { voice: $("voice").value };
     const reference = await referenceVoice();
     if (reference) output.reference_voice = reference;
-    send({ type: "session.update", session: { type: "realtime", output_modalities: ["audio"], audio: {
+    send({ type: "session.update", session: { type: "realtime", output_modalities: ["audio"],
+      instructions: $("instructions").value.trim(), audio: {
       input: { format: { type: "audio/pcm", rate: RATE },
                turn_detection: { type: "server_vad", threshold: 0.5, silence_duration_ms: 500, prefix_padding_ms: 300 } },
       output } } });
