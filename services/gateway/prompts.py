@@ -207,9 +207,11 @@ def encode_segments(segments: Sequence[Segment], tokenizer: PreTrainedTokenizerF
     run: list[str] = []
 
     def flush() -> None:
-        if run:
-            ids.extend(tokenizer.encode("".join(run), add_special_tokens=False, split_special_tokens=True))
-            run.clear()
+        # Most runs are empty (control tokens back to back: a unit's 64 image placeholders): skip the encode call,
+        # which costs ~40 us even for "" and made tokenizing a live unit ~2 ms of the gateway's CPU.
+        if text := "".join(run):
+            ids.extend(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        run.clear()
 
     for seg in segments:
         if isinstance(seg, PlainText):
