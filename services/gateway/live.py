@@ -165,8 +165,7 @@ class LiveSessions:
         msg = system_prompt(mode, lang, AudioRef(ref.shape[0]) if ref is not None else None)
         if request.instructions:
             msg = with_instructions(msg, check_text(request.instructions, self.limits, "instructions"))
-        # The system prompt starts the session (upstream: a new session id, rendered with the TTS template); its
-        # audio goes through a throwaway Whisper stream, as upstream drops that cache afterwards.
+        # The system prompt starts the session (upstream: a new session id, rendered with the TTS template).
         prompt = build_streaming_prefill(msg, StreamingPromptState(), self.ctx.tokenizer, settings=self.settings)
         most = self.limits.context_keep_tokens // 2  # every window roll keeps the system prompt whole
         if len(prompt.input_ids) > most:
@@ -177,7 +176,7 @@ class LiveSessions:
         record = await self.records.create(caller, mode, lang, options)
         sid = record.session_id
         try:
-            pieces = []
+            pieces = []  # the reference voice goes through a throwaway Whisper stream (upstream drops that cache)
             if ref is not None:
                 chunk = audio_pb2.EncodeChunkRequest(session_id=sid, pcm=to_proto(torch.from_numpy(ref)), fresh=True)
                 pieces.append(self.ctx.stages.encode_chunk(chunk))

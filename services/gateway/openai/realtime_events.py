@@ -180,7 +180,8 @@ def parse_event(text: str) -> tuple[Any, str | None]:
 
 @dataclass
 class SessionConfig:
-    """What `session.update` sets (`updated`); the voice is fixed once the live session exists."""
+    """What `session.update` sets (`updated`); the voice and the instructions are fixed once the live session
+    exists (they are its system prompt)."""
 
     voice: str = "omni"
     instructions: str = ""  # appended to the voice mode's system prompt
