@@ -37,12 +37,24 @@ STAGE_NAMES = ("Gateway", "VisionEncoder", "AudioEncoder", "LLMCore", "TTSDecode
 
 
 def unit_inputs() -> tuple[bytes, np.ndarray]:
-    """A 448x448 frame (PNG) and 1 s of speech-like 16 kHz audio (deterministic)."""
-    from PIL import Image
+    """A 448x448 camera-like frame and 1 s of speech-like 16 kHz audio (deterministic).
+
+    The frame is a JPEG at quality 80 of a lit scene with sensor noise (~24 KB), as the web page and the SDK send
+    camera frames: a PNG of uniform noise (603 KB) would put ~25x a camera frame's bytes through every hop of the
+    deployed path, transport cost that no live client causes.
+    """
+    from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(0)
+    scene = Image.new("RGB", (448, 448))
+    draw = ImageDraw.Draw(scene)
+    for y in range(448):  # a sky-to-floor gradient
+        draw.line([(0, y), (447, y)], fill=(40 + y // 4, 80 + y // 6, 160 - y // 5))
+    for x, y, r in rng.integers((0, 0, 20), (400, 400, 80), (12, 3)):  # objects
+        draw.ellipse([x, y, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    pixels = np.asarray(scene, dtype=np.float32) + rng.normal(0, 6, (448, 448, 3))  # sensor noise
     buf = io.BytesIO()
-    Image.fromarray((rng.random((448, 448, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=80)
     t = np.arange(16000) / 16000
     pcm = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(t.size)
     return buf.getvalue(), pcm.astype(np.float32)
