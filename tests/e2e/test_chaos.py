@@ -72,11 +72,11 @@ def test_tts_killed_mid_answer_fails_fast_and_the_session_goes_on(served, golden
 @dataclass
 class Session:
     """One live session driven in a thread: 200 ms audio pieces, a frame each second, a spoken answer every
-    three units; every failure is recorded with how long the call took."""
+    three units; every failure is recorded with when its call started and ended (time.monotonic())."""
 
     sid: str
     tokens: list[int] = field(default_factory=list)
-    failures: list[tuple[str, float]] = field(default_factory=list)
+    failures: list[tuple[str, float, float]] = field(default_factory=list)
     answers: int = 0
 
 
@@ -95,7 +95,7 @@ def drive(client, s: Session, pcm: np.ndarray, frames: list[bytes], stop: thread
                 s.answers += 1
         except grpc.RpcError as e:
             s.failures.append((e.code().name if retryable(e) else f"{e.code().name}: {e.details()}",
-                               time.monotonic() - started))  # fmt: skip
+                               started, time.monotonic()))  # fmt: skip
         k += 1
 
 
@@ -114,6 +114,7 @@ def test_chaos_keeps_every_session(served, golden):
         for deployment in ("LLMCore", "AudioEncoder", "VisionEncoder", "Gateway", "TTSDecoder"):
             replacements[deployment] = wait_for_replacement(deployment, kill_all(deployment))
         served.redis.restart()
+        faults_over = time.monotonic()
         time.sleep(3)  # the sessions go on after the last fault
     finally:
         stop.set()
@@ -121,8 +122,11 @@ def test_chaos_keeps_every_session(served, golden):
             t.join(timeout=60)
     print("replacement seconds:", {k: round(v, 1) for k, v in replacements.items()})
     for c, s in zip(clients, sessions):
-        # every failure was retryable and arrived within a few seconds (no hang on a dead replica)
-        assert all(code in ("UNAVAILABLE", "INTERNAL") and took < 10 for code, took in s.failures), s.failures
+        # every failure was retryable and none hung: each arrived within 10 s of its call's start or of the last
+        # fault, whichever was later (a call waits while the replacement of a stage it needs starts, so one that
+        # spans back-to-back faults may wait through several restarts before one of them fails it)
+        assert all(code in ("UNAVAILABLE", "INTERNAL") and ended < max(started, faults_over) + 10
+                   for code, started, ended in s.failures), s.failures  # fmt: skip
         # not stranded: the session answers now, with its context (its token count never went back to a fresh one)
         info = c.get_session(s.sid)
         assert c.respond(s.sid, generation_options(max_new_tokens=3, greedy=True)).final.usage.completion_tokens
