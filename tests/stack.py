@@ -7,12 +7,12 @@ production application (`services.app.builder:build_app`) on CPU, a real redis-s
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from services.app.redis_server import RedisServer, free_port
+from services.app.serve_env import use_local_cluster_env
 
 KEYS = ("e2e-key-alpha", "e2e-key-beta")
 APP_NAME = "minicpmo"
@@ -44,7 +44,7 @@ def serve_stack(
     num_cpus: int = 4,
 ) -> Iterator[ServedApp]:
     """Start everything, yield how to reach it, tear it all down (also when the body fails)."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    use_local_cluster_env()
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions

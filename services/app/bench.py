@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from protos.minicpmo.v1 import omni_pb2
+from services.app.serve_env import use_local_cluster_env
 
 APP = "minicpmo-bench"
 CONCURRENCY = (1, 8, 32)
@@ -87,7 +88,7 @@ class DeployedPath:
     name = "deployments"
 
     def __init__(self, model_dir: str, device: str, redis_url: str):
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        use_local_cluster_env()
         import ray
         from ray import serve
         from ray.serve.config import gRPCOptions

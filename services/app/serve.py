@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 from services.app.redis_server import RedisServer
+from services.app.serve_env import use_local_cluster_env
 
 RUN_DIR = Path(".run")
 
@@ -50,7 +51,7 @@ def config_app_args(path: Path) -> tuple[dict, dict, dict]:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user cluster
+    use_local_cluster_env()  # a local, single-user cluster
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions

@@ -32,7 +32,8 @@ from protos.minicpmo.v1 import omni_pb2, omni_pb2_grpc
 
 T = TypeVar("T")
 RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0, 4.0)  # ~12 s in all: a gateway replica's restart
-_DEAD_GATEWAY = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "actor died", "Actor died")
+_DEAD_GATEWAY = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "actor died", "Actor died",
+                 "Actor is unavailable")  # the last: how it reads when the proxy reaches gateways over gRPC
 
 
 def retryable(err: grpc.RpcError) -> bool:

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.app.serve_env import SERVE_ENV
 from tests.deploy.kustomize import render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,6 +113,7 @@ def test_ray_pods_get_the_app_environment_and_probes(tree):
         (container,) = template["spec"]["containers"]
         env = {e["name"]: e for e in container["env"]}
         assert APP_ENV <= set(env), f"{name}/{group}"
+        assert {k: env[k].get("value") for k in SERVE_ENV if k in env} == SERVE_ENV, f"{name}/{group}: Serve's env"
         assert env["MINICPMO_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "minicpmo-api-keys"
         assert container["readinessProbe"]["grpc"]["port"] == 9000
         assert "livenessProbe" in container

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from services.app.serve_env import use_local_cluster_env
 from tests.fuzz.harness import run_campaign
 from tests.golden import GoldenSet
 from tests.stack import serve_stack
@@ -38,5 +38,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    use_local_cluster_env()
     sys.exit(main())

@@ -9,7 +9,6 @@ otherwise starts its own for this module and shuts it down after.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import defaultdict
 
@@ -18,6 +17,7 @@ import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from services.app.serve_env import use_local_cluster_env
 from services.runtime.routing import SessionAffinityReplica, affinity_router_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -72,7 +72,7 @@ def serve_instance():
     """Ray Serve for this module: the test session's if one is running, else our own (shut down after)."""
     started_here = not ray.is_initialized()
     if started_here:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        use_local_cluster_env()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     if started_here:
