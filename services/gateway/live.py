@@ -6,7 +6,9 @@ CreateSession prefills the system prompt (with its reference voice). AppendUnit 
 frames through the TDM muxer; each completed 1 s unit (`<unit>` + its latest frame + its second of audio) is
 encoded at once and prefilled in order. Units are pipelined: a unit's encoders start as soon as its second is
 complete, while the previous unit is still prefilling; only the LLM prefills (and the audio chunks, which
-continue one Whisper stream) are chained, one after another, so order holds. Respond flushes the partial
+continue one Whisper stream) are chained, one after another, so order holds. A unit's first frame is encoded
+the moment it arrives (`_Frame`), so a client that sends its frame early in the second, as a camera at one
+frame a second does, finds it encoded when the second completes. Respond flushes the partial
 second, waits for the session's prefills, then streams the answer; Interrupt stops it.
 
 Redis per AppendUnit: one round trip (the live input, the user turn when this call starts one, and the TTL,
@@ -27,7 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -41,6 +43,7 @@ from services.gateway.context import GatewayContext, prefill_input, sampling_msg
 from services.gateway.prompts import (
     UNIT,
     AudioRef,
+    ImageRef,
     Message,
     PlaceholderSettings,
     PlainText,
@@ -94,6 +97,21 @@ def request_id() -> str:
     return uuid.uuid4().hex
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """A frame waiting in the muxer for its unit, with its vision encode when one was started on arrival.
+
+    The first frame of a unit is encoded at once: the vision encoder is stateless and the frame's embedding
+    does not depend on where the unit lands, so the encode need not wait for the unit's second to complete.
+    A later frame in the same second replaces it in the unit (the muxer keeps the latest) and is encoded when
+    the unit completes, as before; so a client costs at most one wasted encode per second, whatever its frame
+    rate. (The stateful audio chunks cannot start early: a chunk enters its session's Whisper stream.)"""
+
+    data: bytes
+    ref: ImageRef
+    encode: Any | None = None  # the stage call's piece (`RayStages.encode_images`), None: encode with the unit
+
+
 @dataclass
 class _Session:
     """What this gateway replica keeps of a live session."""
@@ -109,7 +127,7 @@ class _Session:
 
     def live_input(self) -> LiveInput:
         frame = self.muxer.pending_frame
-        return LiveInput(self.muxer.pending_audio(), frame[0] if frame else None, self.units)
+        return LiveInput(self.muxer.pending_audio(), frame.data if frame else None, self.units)
 
 
 class LiveSessions:
@@ -138,7 +156,7 @@ class LiveSessions:
             if live.pending_pcm.size:
                 muxer.push_audio(live.pending_pcm)
             if live.pending_frame:
-                muxer.push_frame((live.pending_frame, image_ref(live.pending_frame, 0, self.ctx.image_cfg)))
+                muxer.push_frame(_Frame(live.pending_frame, image_ref(live.pending_frame, 0, self.ctx.image_cfg)))
             s = self.sessions.setdefault(sid, _Session(record.owner, record, muxer, live.units, record.tokens))
             metrics.ACTIVE_SESSIONS.set(len(self.sessions))
         check_owner(caller, s.owner)
@@ -201,8 +219,8 @@ class LiveSessions:
             raise InvalidRequest("AppendUnit carries nothing: send audio, frames or text")
         s = await self._session(request.session_id, caller)
         async with s.lock:  # one session's inputs enter its KV in arrival order
-            for frame in frames:
-                s.muxer.push_frame(frame)
+            for data, ref in frames:
+                s.muxer.push_frame(_Frame(data, ref, None if s.muxer.pending_frame else self._encode_frame(data)))
             units = s.muxer.push_audio(pcm) if pcm is not None else []
             scheduled = await self._schedule(request.session_id, s, units, text)
         results = await asyncio.gather(*scheduled)
@@ -236,9 +254,8 @@ class LiveSessions:
         content: list = [UNIT]
         pieces = []
         if unit.frame is not None:
-            data, ref = unit.frame
-            content.append(ref)
-            pieces.append(self.ctx.stages.encode_images(vision_pb2.EncodeImagesRequest(images=[data], max_slice_nums=1)))
+            content.append(unit.frame.ref)
+            pieces.append(unit.frame.encode or self._encode_frame(unit.frame.data))
         if unit.audio.shape[0]:
             content.append(AudioRef(unit.audio.shape[0]))
             chunk = audio_pb2.EncodeChunkRequest(
@@ -247,6 +264,9 @@ class LiveSessions:
             pieces.append(self._chain_chunk(s, chunk))
         prompt = build_streaming_prefill(Message("user", content), state, self.ctx.tokenizer, settings=self.settings)
         return self._chain_prefill(sid, s, prompt, pieces, llm_pb2.PREFILL_KIND_UNIT)
+
+    def _encode_frame(self, data: bytes):
+        return self.ctx.stages.encode_images(vision_pb2.EncodeImagesRequest(images=[data], max_slice_nums=1))
 
     def _chain_chunk(self, s: _Session, chunk: audio_pb2.EncodeChunkRequest):
         """An audio chunk's encode, started once the session's previous chunk was encoded (one Whisper stream:

@@ -13,18 +13,12 @@ import asyncio
 from collections import Counter
 
 import pytest
-from ray import serve
 
 from protos.minicpmo.v1 import omni_pb2, tensor_pb2
 from services.client.sdk import audio_msg
-from services.gateway.auth import key_hash
-from services.gateway.context import GatewayContext
-from services.gateway.live import LiveSessions
-from services.gateway.requests import Limits
-from services.gateway.sessions import SessionRecords
 from services.gateway.stages import RayStages
 from services.runtime.ownership import OwnershipStore
-from tests.e2e.conftest import APP_NAME
+from tests.e2e.driver import local_driver
 from tests.e2e.media import image_bytes, wav
 from tests.e2e.test_sessions import feed_units, greedy
 from tests.replicas import kill_all, wait_for_replacement
@@ -80,7 +74,7 @@ class LosingReplies(RayStages):
     after the prefill was applied (and logged) the LLMCore replica is killed and the prefill is sent again, as
     the gateway's retries would. Each repeat must be answered as the first time, not applied twice."""
 
-    def __init__(self, handles):
+    def __init__(self, handles: list):
         super().__init__(*handles)
         self.losing = False
         self.repeats: list[tuple[str, bool]] = []
@@ -106,20 +100,14 @@ class LosingReplies(RayStages):
 
 async def driven_conversation(served, golden, losing: bool) -> tuple[str, list[list[int]], list, list]:
     """The driver in this process: units, an answer, more units and text, an answer."""
-    handles = [serve.get_deployment_handle(name, APP_NAME) for name in ("VisionEncoder", "AudioEncoder", "LLMCore", "TTSDecoder")]
-    stages = LosingReplies(handles)
-    ctx = GatewayContext.from_model_dir(served.model_dir, stages, Limits(session_idle_ttl_s=served.idle_ttl_s))
-    records = SessionRecords.from_url(served.redis_url, ttl_s=served.idle_ttl_s)
-    live = LiveSessions(ctx, records)
-    caller = key_hash(served.keys[0])
     pcm = wav(golden, "unit_audio_2s.wav")
     frame = image_bytes(golden, "image_unit0.png")
+    async with local_driver(served, LosingReplies) as (live, caller, stages):
 
-    async def answer(n: int) -> list[int]:
-        events = [e async for e in live.respond(caller, omni_pb2.RespondRequest(session_id=sid, options=greedy(n)))]
-        return list(events[-1].final.token_ids)
+        async def answer(n: int) -> list[int]:
+            events = [e async for e in live.respond(caller, omni_pb2.RespondRequest(session_id=sid, options=greedy(n)))]
+            return list(events[-1].final.token_ids)
 
-    try:
         sid = (await live.create(caller, omni_pb2.CreateSessionRequest())).session_id
         await live.append(caller, omni_pb2.AppendUnitRequest(session_id=sid, audio=audio_msg(pcm[:16000]),
                                                              frames=[omni_pb2.Image(data=frame)]))  # fmt: skip
@@ -133,8 +121,6 @@ async def driven_conversation(served, golden, losing: bool) -> tuple[str, list[l
         await store.aclose()
         await live.close(caller, sid)
         return sid, [first, second], log, stages.repeats
-    finally:
-        await records.aclose()
 
 
 def test_retry_after_lost_reply_is_applied_once(served, golden):

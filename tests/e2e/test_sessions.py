@@ -3,6 +3,7 @@ isolation between concurrent sessions, API-key ownership, and cleanup of Redis k
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -12,7 +13,9 @@ import pytest
 import redis
 
 from protos.minicpmo.v1 import omni_pb2
-from services.client.sdk import generation_options
+from services.client.sdk import audio_msg, generation_options
+from services.gateway.stages import RayStages
+from tests.e2e.driver import local_driver
 from tests.e2e.media import chunks, image_bytes, wav
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis]
@@ -291,3 +294,39 @@ def test_live_session_greedy_equals_in_process(served, client, golden, unit_inpu
     answer = client.respond(sid, greedy(12))
     client.close_session(sid)
     assert answer.token_ids == in_process_live_greedy(served.model_dir, ref, pcm, frames, 12)
+
+
+class RecordingStages(RayStages):
+    """The deployments' stage calls, recording the frames sent to the VisionEncoder, in order."""
+
+    def __init__(self, handles: list):
+        super().__init__(*handles)
+        self.encoded: list[bytes] = []
+
+    def encode_images(self, request):
+        self.encoded.append(request.images[0])
+        return super().encode_images(request)
+
+
+async def drive_one_second(served, pushes: list[tuple[bytes | None, np.ndarray]]) -> tuple[list[list[bytes]], list[int]]:
+    """A session fed `pushes` (frame or None, audio) through the driver: the frames encoded after each push, and
+    the session's greedy answer."""
+    seen = []
+    async with local_driver(served, RecordingStages) as (live, caller, stages):
+        sid = (await live.create(caller, omni_pb2.CreateSessionRequest())).session_id
+        for frame, pcm in pushes:
+            await live.append(caller, omni_pb2.AppendUnitRequest(
+                session_id=sid, audio=audio_msg(pcm), frames=[omni_pb2.Image(data=frame)] if frame else []))
+            seen.append(list(stages.encoded))
+        events = [e async for e in live.respond(caller, omni_pb2.RespondRequest(session_id=sid, options=greedy(8)))]
+        await live.close(caller, sid)
+    return seen, list(events[-1].final.token_ids)
+
+
+def test_first_frame_of_a_second_is_encoded_on_arrival_and_the_latest_is_used(served, unit_inputs):
+    pcm, (a, b) = unit_inputs
+    seen, answer = asyncio.run(drive_one_second(served, [(a, pcm[:CHUNK]), (b, pcm[CHUNK : 2 * CHUNK]),
+                                                         (None, pcm[2 * CHUNK : 16000])]))  # fmt: skip
+    assert seen == [[a], [a], [a, b]]  # a at once; b, which replaced a in the unit, when the second completed
+    assert answer == asyncio.run(drive_one_second(served, [(b, pcm[:16000])]))[1]
+    assert answer != asyncio.run(drive_one_second(served, [(a, pcm[:16000])]))[1]  # the frame shows in the answer
