@@ -7,8 +7,9 @@ Rows per config and path ("deployments": gRPC through the proxy, the Gateway and
 - `ttfa`: time to first audio of a spoken answer;
 - `throughput`: 1, 8 and 32 sessions each pushing 1 s units back to back: units/s in all, unit latency;
 - `capacity`: real-time live sessions (200 ms audio pieces paced in real time, a frame each second, a spoken
-  answer every 5 units): the most sessions whose unit latency p95 stays under 1 s, found by doubling then
-  bisecting; `unit_p95_ms` is that of the largest passing count;
+  answer every 5 units): the most sessions whose unit latency p95 stays under 1 s and whose spoken answers all
+  found room (none refused with RESOURCE_EXHAUSTED: the TTS has a fixed number of speech slots), found by
+  doubling then bisecting; `unit_p95_ms` is that of the largest passing count;
 - `cpu_per_unit` (deployments): CPU seconds each stage's replica processes spent per unit in the throughput run.
 A unit's latency in the paced runs is from the AppendUnit that completed its second to that call's reply.
 """
@@ -244,12 +245,25 @@ async def throughput(path, frame: bytes, pcm: np.ndarray, sessions: int, units: 
     return sessions * units / wall, latencies
 
 
-async def paced(path, frame: bytes, pcm: np.ndarray, sessions: int, units: int) -> list[float]:
-    """`sessions` live sessions in real time; the latencies of the AppendUnit calls that completed a unit."""
+def refused_for_room(e: Exception) -> bool:
+    """A call refused because the server has no room now (in process: the exception; deployed: its gRPC code)."""
+    import grpc
+
+    from services.runtime.errors import ResourceExhausted
+
+    code = e.code() if isinstance(e, grpc.RpcError) else None
+    return isinstance(e, ResourceExhausted) or code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def paced(path, frame: bytes, pcm: np.ndarray, sessions: int, units: int) -> tuple[list[float], int]:
+    """`sessions` live sessions in real time: the latencies of the AppendUnit calls that completed a unit, and
+    how many spoken answers were refused for lack of room."""
     latencies: list[float] = []
+    refused = 0
     piece = int(16000 * PIECE_S)
 
     async def one(sid: str, offset: float) -> None:
+        nonlocal refused
         await asyncio.sleep(offset)  # spread the sessions' clocks over one piece
         start = time.perf_counter()
         for k in range(units * int(1 / PIECE_S)):
@@ -263,22 +277,28 @@ async def paced(path, frame: bytes, pcm: np.ndarray, sessions: int, units: int) 
             if reply.units_prefilled:
                 latencies.append(time.perf_counter() - t0)
             if reply.units_prefilled and (k + 1) % (5 * ANSWER_EVERY) == 0:
-                async for _ in path.respond(sid, speech_options(12)):
-                    pass
+                try:
+                    async for _ in path.respond(sid, speech_options(12)):
+                        pass
+                except Exception as e:
+                    if not refused_for_room(e):
+                        raise
+                    refused += 1
 
     sids = [await path.create() for _ in range(sessions)]
     await asyncio.gather(*(one(s, i * PIECE_S / sessions) for i, s in enumerate(sids)))
     for sid in sids:
         await path.close_session(sid)
-    return latencies
+    return latencies, refused
 
 
 async def capacity(path, frame: bytes, pcm: np.ndarray, units: int, limit: int) -> tuple[int, dict[str, float]]:
     """The most real-time sessions with unit p95 under CAPACITY_P95_S (doubling, then bisecting)."""
     best, best_stats, n, lo, hi = 0, {}, 1, 0, None
     while n <= limit:
-        s = stats_ms(await paced(path, frame, pcm, n, units))
-        if s["p95_ms"] <= CAPACITY_P95_S * 1000:
+        latencies, refused = await paced(path, frame, pcm, n, units)
+        s = stats_ms(latencies)
+        if s["p95_ms"] <= CAPACITY_P95_S * 1000 and not refused:
             best, best_stats, lo = n, s, n
         else:
             hi = n

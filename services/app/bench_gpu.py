@@ -169,7 +169,7 @@ async def decode(path, sids: list[str], frame: bytes, pcm: np.ndarray, tokens: i
 
 
 async def sessions_row(path, n: int, frame: bytes, pcm: np.ndarray, tokens: int) -> dict[str, Any]:
-    unit = stats_ms(await paced(path, frame, pcm, n, UNITS))
+    unit = stats_ms((await paced(path, frame, pcm, n, UNITS))[0])  # answer-free: nothing refused
     sids = list(await asyncio.gather(*(path.create() for _ in range(n))))
     try:
         ttfa = stats_ms(await spoken(path, sids, frame, pcm))
