@@ -10,9 +10,9 @@ tiny live unit through the deployments (p50, 5 interleaved pairs) 73/75, 95/70, 
 audio-only unit 34/29, 40/28, 37/31 ms. What changes for the app:
 - an encoder response passed to an LLMCore call travels through the gateway by value. By reference, Serve also
   waited in the gateway until it was ready before sending the LLMCore call, so no call goes out later than before;
-- a call on a replica that dies fails with `ActorUnavailableError` (never `ActorDiedError`): the stage calls'
-  retry (`services.gateway.stages`) takes both, and the proxy reports a gateway that died under a call as
-  INTERNAL "... Actor is unavailable ...", which the SDK's `retryable` knows.
+- a call on a replica that dies fails with `ActorUnavailableError` (Serve maps the lost gRPC call to it): the
+  stage calls' retry (`services.gateway.stages`) takes it as it takes `ActorDiedError`, and the proxy reports a
+  gateway that died under a call as INTERNAL "... Actor is unavailable ...", which the SDK's `retryable` knows.
 """
 
 from __future__ import annotations
