@@ -246,13 +246,14 @@ async def throughput(path, frame: bytes, pcm: np.ndarray, sessions: int, units: 
 
 
 def refused_for_room(e: Exception) -> bool:
-    """A call refused because the server has no room now (in process: the exception; deployed: its gRPC code)."""
+    """A call refused because the server has no room now: RESOURCE_EXHAUSTED, as the client got it (deployed) or
+    as the gateway would report the exception (in process)."""
     import grpc
 
-    from services.runtime.errors import ResourceExhausted
+    from services.gateway.servicer import status_for
 
-    code = e.code() if isinstance(e, grpc.RpcError) else None
-    return isinstance(e, ResourceExhausted) or code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = e.code() if isinstance(e, grpc.RpcError) else status_for(e)[0]
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 async def paced(path, frame: bytes, pcm: np.ndarray, sessions: int, units: int) -> tuple[list[float], int]:
