@@ -154,7 +154,11 @@ class LLMCore(SessionStage, SessionAffinityReplica):
             ),
         )  # fmt: skip
         with metrics.stage_timer("llm_prefill"):
-            kv_len = await self.log_then_apply(sid, rid, lambda: entry, lambda _: self._prefill(sid, embeds))
+            # overlap: the forward runs while the entry goes to Redis (the KV never gets ahead of the log outside
+            # the session's lock; `services.runtime.session_stage` step 4)
+            kv_len = await self.log_then_apply(
+                sid, rid, lambda: entry, lambda _: self._prefill(sid, embeds), overlap=True
+            )
         self._maybe_roll(sid)
         return llm_pb2.PrefillResponse(kv_len=kv_len)
 

@@ -22,7 +22,9 @@ Ownership protocol: on every request a replica calls `fence = await store.acquir
 owns the lease it gets its epoch back; otherwise it takes the lease over with epoch + 1. If `fence.epoch`
 differs from the epoch it built its local state under, that state is stale or absent: it rebuilds from
 `await store.log(sid, role)`. Writes (`append`, `rewrite`) carry the fence and are refused with `LeaseLost`
-once another replica took over, so a stale owner never extends a log with state the new owner lacks.
+once another replica took over, so a stale owner never extends a log with state the new owner lacks. (A
+replica that holds a session's state may skip the acquire when its next call is such a write: the write is
+the check, `services.runtime.session_stage`.)
 
 Limits: `max_tokens` (the session's LLM KV budget) and per-role `max_entries` / `max_bytes` bound what a log
 may hold; an append past them is refused with `SessionLimitExceeded` (RESOURCE_EXHAUSTED), all or nothing.

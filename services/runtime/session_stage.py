@@ -7,15 +7,22 @@ The protocol, per request on session `sid` (one replica at a time owns `sid`'s s
    waits for it);
 2. fence: acquire the session's lease for this role; the local state is valid only if it was built under the
    epoch that comes back, otherwise (a replica that lost the session, even briefly, or never had it) it is
-   rebuilt from the role's replay log;
+   rebuilt from the role's replay log. A request whose first Redis call is a fenced write (`log_then_apply`)
+   skips the acquire while the replica holds the session's state: the write itself checks, atomically, that
+   the lease is still this replica's at the state's epoch, and when it is not (LeaseLost) the request takes
+   the acquire-and-rebuild path. One Redis round trip per logged request, not two;
 3. idempotent record: the gateway gives every logged request an id, the same on each retry; `applied` maps the
    ids the local state holds (applied here, or replayed by a rebuild) to what their answer needs, so a retry
    of a request the old owner logged but never answered is answered from the record instead of applied twice.
    The gateway retries only a session's latest requests (its calls for a session are in order), so the record
    keeps the last `RECORDED` results per session (bounded memory for sessions that last hours);
-4. log-then-apply: the entry goes into the log first (fenced, limit-checked), then into the local state; any
-   failure between the two forgets the local state (the next request rebuilds it from the log), so the local
-   state is always "the log under our epoch";
+4. log-then-apply: the entry goes into the log (fenced, limit-checked) and into the local state; any failure
+   of either forgets the local state (the next request rebuilds it from the log), so whenever the session's
+   lock is free the local state is "the log under our epoch". By default the write comes first. With
+   `overlap` the two run together (the LLM's forward does not wait for Redis): the state may run ahead of the
+   log only while the lock is held, the reply waits for both (an answered request is always in the log), and
+   the lock is released only once the write has settled, so a rebuild after a failure sees the entry or
+   never will;
 5. sweep: a background task (started once, on first use) drops the state of sessions whose record is gone.
 
 Subclasses implement the domain: `has_state`, `drop_state`, `rebuild` (and call `log_then_apply`, or `owned`
@@ -32,7 +39,7 @@ from contextlib import asynccontextmanager
 from typing import Any, ClassVar, TypeVar
 
 from protos.minicpmo.v1 import replay_pb2
-from services.runtime.ownership import Fence, OwnershipStore, SessionLimitExceeded, SessionNotFound
+from services.runtime.ownership import Fence, LeaseLost, OwnershipStore, SessionLimitExceeded, SessionNotFound
 
 R = TypeVar("R")
 log = logging.getLogger("ray.serve")
@@ -74,19 +81,36 @@ class SessionStage:
     @asynccontextmanager
     async def owned(self, session_id: str) -> AsyncIterator[Fence]:
         """Lock the session on this replica and fence it, rebuilding its state from the log if stale."""
-        store = self._store()
+        async with self._locked(session_id):
+            yield await self._fence(session_id)
+
+    @asynccontextmanager
+    async def _locked(self, session_id: str) -> AsyncIterator[None]:
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep())
         async with self._locks.setdefault(session_id, asyncio.Lock()):
-            fence = await store.acquire(session_id, self.role, self.replica_id)
-            if not self.has_state(session_id) or self.epochs.get(session_id) != fence.epoch:
-                self.discard(session_id)
-                self.drop_state(session_id)
-                results = await self.rebuild(session_id, await store.log(session_id, self.role))
-                for rid, result in results.items():
-                    self.record(session_id, rid, result)
-                self.epochs[session_id] = fence.epoch
-            yield fence
+            yield
+
+    async def _fence(self, session_id: str) -> Fence:
+        """Under the session's lock: acquire its lease; rebuild the local state from the log if it is stale."""
+        store = self._store()
+        fence = await store.acquire(session_id, self.role, self.replica_id)
+        if not self.has_state(session_id) or self.epochs.get(session_id) != fence.epoch:
+            self.discard(session_id)
+            self.drop_state(session_id)
+            results = await self.rebuild(session_id, await store.log(session_id, self.role))
+            for rid, result in results.items():
+                self.record(session_id, rid, result)
+            self.epochs[session_id] = fence.epoch
+        return fence
+
+    def _held_fence(self, session_id: str) -> Fence | None:
+        """The fence the local state was built under, not checked with Redis (None: no local state): only for a
+        request whose first Redis call is a write fenced with it."""
+        epoch = self.epochs.get(session_id)
+        if epoch is None or not self.has_state(session_id):
+            return None
+        return Fence(session_id, self.role, self.replica_id, epoch)
 
     def result(self, session_id: str, request_id: str) -> Any:
         """What the already-applied request `request_id` answered; None if the local state lacks it."""
@@ -109,27 +133,63 @@ class SessionStage:
         request_id: str,
         entry: Callable[[], replay_pb2.ReplayEntry],
         apply: Callable[[Fence], Awaitable[R]],
+        *,
+        overlap: bool = False,
     ) -> R:
         """Steps 1-4 for a request whose log entry is known before it runs (a prefill, an audio chunk);
-        `apply(fence)` changes the local state."""
-        async with self.owned(session_id) as fence:
+        `apply(fence)` changes the local state; `overlap`: apply while the entry is being written (step 4)."""
+        async with self._locked(session_id):
             done = self.result(session_id, request_id)
             if done is not None:  # a retry of a request the session already holds
                 return done
-            try:
-                await self._store().append(session_id, self.role, [entry()], fence=fence)
-            except (SessionLimitExceeded, SessionNotFound):
-                raise  # refused before anything was written: state and log still agree
-            except BaseException:
-                self.forget(session_id)  # the write may have landed (reply lost): rebuild from the log
-                raise
+            held = self._held_fence(session_id)
+            if held is not None:
+                try:
+                    return await self._log_and_apply(held, request_id, entry, apply, overlap)
+                except LeaseLost:
+                    pass  # another replica took the session since: take it back and rebuild, as below
+            fence = await self._fence(session_id)
+            done = self.result(session_id, request_id)  # the rebuild replayed it (logged by the previous owner)
+            if done is not None:
+                return done
+            return await self._log_and_apply(fence, request_id, entry, apply, overlap)
+
+    async def _log_and_apply(
+        self,
+        fence: Fence,
+        request_id: str,
+        entry: Callable[[], replay_pb2.ReplayEntry],
+        apply: Callable[[Fence], Awaitable[R]],
+        overlap: bool,
+    ) -> R:
+        """Step 4 under the session's lock; on any failure the local state is forgotten (the log is the truth)."""
+        sid = fence.session_id
+        write = asyncio.ensure_future(self._store().append(sid, self.role, [entry()], fence=fence))
+        if overlap:
             try:
                 result = await apply(fence)
             except BaseException:
-                self.forget(session_id)  # the log holds what the state may lack: rebuild on the next request
+                await asyncio.gather(write, return_exceptions=True)  # settled before the lock is free: a
+                # rebuild sees the entry or never will
+                self.forget(sid)
                 raise
-            self.record(session_id, request_id, result)
-            return result
+        try:
+            await write
+        except (SessionLimitExceeded, SessionNotFound):
+            if overlap:
+                self.forget(sid)  # applied, but refused by the log
+            raise  # (without overlap: refused before anything was written or applied; state and log agree)
+        except BaseException:
+            self.forget(sid)  # the write may have landed (reply lost), or the lease moved: rebuild from the log
+            raise
+        if not overlap:
+            try:
+                result = await apply(fence)
+            except BaseException:
+                self.forget(sid)  # the log holds what the state may lack: rebuild on the next request
+                raise
+        self.record(sid, request_id, result)
+        return result
 
     async def append_logged(self, fence: Fence, entries: Sequence[replay_pb2.ReplayEntry]) -> None:
         """Log entries for state already applied (e.g. an answer once it ended); on failure the state is forgotten."""

@@ -1,0 +1,169 @@
+"""The session-stage protocol (`services.runtime.session_stage`) against a real redis-server, over a stage whose
+state is simply the payloads it applied: one Redis round trip per logged request while a replica holds the
+session, a session taken over elsewhere taken back and rebuilt, and, with the write and the apply overlapped,
+no local state ever left ahead of the log after a refusal, a failure or a cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from protos.minicpmo.v1 import replay_pb2
+from services.gateway.auth import key_hash
+from services.gateway.sessions import SessionRecords
+from services.runtime.ownership import OwnershipStore, SessionLimitExceeded
+from services.runtime.session_stage import SessionStage
+from tests.servers import redis_server, redis_url  # noqa: F401  (real redis-server fixtures)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+class PayloadStage(SessionStage):
+    """Per session, the payloads applied so far (what the log holds, if the protocol is right)."""
+
+    role = "llm"
+
+    def __init__(self, store: OwnershipStore, replica_id: str):
+        super().__init__(store, replica_id)
+        self.state: dict[str, list[bytes]] = {}
+        self.rebuilds = 0
+
+    def has_state(self, session_id: str) -> bool:
+        return session_id in self.state
+
+    def drop_state(self, session_id: str) -> None:
+        self.state.pop(session_id, None)
+
+    async def rebuild(self, session_id: str, entries: Sequence[replay_pb2.ReplayEntry]) -> dict[str, int]:
+        self.rebuilds += 1
+        self.state[session_id] = [e.prefill.embeddings.data for e in entries]
+        return {e.request_id: i + 1 for i, e in enumerate(entries)}
+
+    async def push(self, sid: str, rid: str, payload: bytes, overlap: bool, before_apply=None) -> int:
+        async def apply(_fence) -> int:
+            if before_apply is not None:
+                await before_apply()
+            self.state[sid].append(payload)
+            return len(self.state[sid])
+
+        entry = replay_pb2.ReplayEntry(request_id=rid, llm_tokens=1)
+        entry.prefill.embeddings.data = payload
+        return await self.log_then_apply(sid, rid, lambda: entry, apply, overlap=overlap)
+
+
+class CountingStore(OwnershipStore):
+    """The real store, counting the lease round trips the protocol makes."""
+
+    acquires = 0
+
+    async def acquire(self, *args, **kwargs):
+        self.acquires += 1
+        return await super().acquire(*args, **kwargs)
+
+
+@pytest.fixture
+async def store(redis_url):  # noqa: F811
+    s = CountingStore.from_url(redis_url, ttl_s=30, max_tokens=6)
+    yield s
+    await s.aclose()
+
+
+@pytest.fixture
+async def sid(redis_url):  # noqa: F811
+    records = SessionRecords.from_url(redis_url, ttl_s=30)
+    yield (await records.create(key_hash("alice"), "omni", "en")).session_id
+    await records.aclose()
+
+
+async def logged(store: OwnershipStore, sid: str) -> list[bytes]:
+    return [e.prefill.embeddings.data for e in await store.log(sid, "llm")]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+async def test_a_held_session_logs_each_request_in_one_round_trip(store, sid, overlap):
+    stage = PayloadStage(store, "replica-A")
+    assert await stage.push(sid, "r1", b"a", overlap) == 1  # first request: acquire, (empty) rebuild, log, apply
+    assert store.acquires == 1
+    for i, payload in enumerate([b"b", b"c", b"d"], start=2):
+        assert await stage.push(sid, f"r{i}", payload, overlap) == i
+    assert store.acquires == 1, "a replica holding the session fences with its write alone"
+    assert stage.state[sid] == await logged(store, sid) == [b"a", b"b", b"c", b"d"]
+    assert await stage.push(sid, "r3", b"c", overlap) == 3  # a retry is answered from the record, not reapplied
+    assert await logged(store, sid) == [b"a", b"b", b"c", b"d"]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+async def test_a_session_taken_over_elsewhere_is_taken_back_and_rebuilt(store, sid, overlap):
+    a, b = PayloadStage(store, "replica-A"), PayloadStage(store, "replica-B")
+    await a.push(sid, "r1", b"a1", overlap)
+    await a.push(sid, "r2", b"a2", overlap)
+    await b.push(sid, "r3", b"b1", overlap)  # the router moved the session: B takes it over from the log
+    assert b.state[sid] == [b"a1", b"a2", b"b1"]
+
+    # A still holds its (now stale) state; its held fence is refused by the write, and it takes the session back
+    assert await a.push(sid, "r4", b"a3", overlap) == 4
+    assert a.rebuilds == 2
+    assert a.state[sid] == await logged(store, sid) == [b"a1", b"a2", b"b1", b"a3"]
+    assert (await store.lease(sid, "llm")).replica_id == "replica-A"
+
+
+async def test_an_overlapped_apply_refused_by_the_log_is_forgotten(store, sid):
+    stage = PayloadStage(store, "replica-A")
+    for i in range(6):  # the store allows 6 tokens: one each
+        await stage.push(sid, f"r{i}", b"%d" % i, overlap=True)
+    with pytest.raises(SessionLimitExceeded):
+        await stage.push(sid, "r6", b"6", overlap=True)  # applied while the log refused it
+    assert not stage.has_state(sid), "state ahead of the log must not survive the request"
+    async with stage.owned(sid):
+        assert stage.state[sid] == await logged(store, sid) == [b"%d" % i for i in range(6)]
+
+
+async def test_a_refusal_without_overlap_keeps_the_state(store, sid):
+    stage = PayloadStage(store, "replica-A")
+    for i in range(6):
+        await stage.push(sid, f"r{i}", b"%d" % i, overlap=False)
+    with pytest.raises(SessionLimitExceeded):
+        await stage.push(sid, "r6", b"6", overlap=False)  # refused before it was applied: nothing to undo
+    assert stage.state[sid] == await logged(store, sid) and stage.rebuilds == 1
+
+
+async def test_a_failed_overlapped_apply_is_rebuilt_and_its_retry_not_applied_twice(store, sid):
+    stage = PayloadStage(store, "replica-A")
+    await stage.push(sid, "r1", b"a", overlap=True)
+
+    async def fail():
+        raise RuntimeError("forward failed")
+
+    with pytest.raises(RuntimeError, match="forward failed"):
+        await stage.push(sid, "r2", b"b", overlap=True, before_apply=fail)
+    assert not stage.has_state(sid)
+    assert await logged(store, sid) == [b"a", b"b"]  # the write had landed
+    assert await stage.push(sid, "r2", b"b", overlap=True) == 2  # the retry: rebuilt from the log, answered
+    assert stage.state[sid] == await logged(store, sid) == [b"a", b"b"]
+
+
+async def test_a_cancelled_overlapped_request_leaves_state_and_log_in_agreement(store, sid):
+    stage = PayloadStage(store, "replica-A")
+    await stage.push(sid, "r1", b"a", overlap=True)
+    entered = asyncio.Event()
+
+    async def hang():
+        entered.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(stage.push(sid, "r2", b"b", overlap=True, before_apply=hang))
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not stage.has_state(sid)
+    await stage.push(sid, "r3", b"c", overlap=True)  # rebuilt from whatever the log holds, then extended
+    assert stage.state[sid] == await logged(store, sid)
+    assert (await logged(store, sid))[-1] == b"c"
