@@ -42,6 +42,7 @@ from protos.minicpmo.v1 import replay_pb2
 from services.runtime.ownership import Fence, LeaseLost, OwnershipStore, SessionLimitExceeded, SessionNotFound
 
 R = TypeVar("R")
+Apply = Callable[[Fence], Awaitable[R]]  # changes a session's local state under the fence
 log = logging.getLogger("ray.serve")
 RECORDED = 32  # results kept per session for retries (far more than a session's requests in flight)
 
@@ -132,7 +133,7 @@ class SessionStage:
         session_id: str,
         request_id: str,
         entry: Callable[[], replay_pb2.ReplayEntry],
-        apply: Callable[[Fence], Awaitable[R]],
+        apply: Apply[R],
         *,
         overlap: bool = False,
     ) -> R:
@@ -159,36 +160,45 @@ class SessionStage:
         fence: Fence,
         request_id: str,
         entry: Callable[[], replay_pb2.ReplayEntry],
-        apply: Callable[[Fence], Awaitable[R]],
+        apply: Apply[R],
         overlap: bool,
     ) -> R:
-        """Step 4 under the session's lock; on any failure the local state is forgotten (the log is the truth)."""
-        sid = fence.session_id
-        write = asyncio.ensure_future(self._store().append(sid, self.role, [entry()], fence=fence))
-        if overlap:
-            try:
-                result = await apply(fence)
-            except BaseException:
-                await asyncio.gather(write, return_exceptions=True)  # settled before the lock is free: a
-                # rebuild sees the entry or never will
-                self.forget(sid)
-                raise
+        """Step 4 under the session's lock, then the idempotent record."""
+        write = asyncio.ensure_future(self._store().append(fence.session_id, self.role, [entry()], fence=fence))
+        run = self._applied_while_written if overlap else self._applied_once_written
+        result = await run(fence, write, apply)
+        self.record(fence.session_id, request_id, result)
+        return result
+
+    async def _applied_once_written(self, fence: Fence, write: asyncio.Future, apply: Apply[R]) -> R:
         try:
             await write
         except (SessionLimitExceeded, SessionNotFound):
-            if overlap:
-                self.forget(sid)  # applied, but refused by the log
-            raise  # (without overlap: refused before anything was written or applied; state and log agree)
+            raise  # refused before anything was written or applied: state and log still agree
         except BaseException:
-            self.forget(sid)  # the write may have landed (reply lost), or the lease moved: rebuild from the log
+            self.forget(fence.session_id)  # the write may have landed (reply lost), or the lease moved
             raise
-        if not overlap:
-            try:
-                result = await apply(fence)
-            except BaseException:
-                self.forget(sid)  # the log holds what the state may lack: rebuild on the next request
-                raise
-        self.record(sid, request_id, result)
+        try:
+            return await apply(fence)
+        except BaseException:
+            self.forget(fence.session_id)  # the log holds what the state may lack: rebuild on the next request
+            raise
+
+    async def _applied_while_written(self, fence: Fence, write: asyncio.Future, apply: Apply[R]) -> R:
+        """The state may run ahead of the log until both have settled; any failure of either forgets it."""
+        try:
+            result = await apply(fence)
+        except BaseException:
+            try:  # settled before the lock is free: a rebuild sees the entry or never will
+                await asyncio.gather(write, return_exceptions=True)
+            finally:  # (even when cancelled again while waiting)
+                self.forget(fence.session_id)
+            raise
+        try:
+            await write
+        except BaseException:
+            self.forget(fence.session_id)  # applied but not logged (refused, lease moved, Redis down)
+            raise
         return result
 
     async def append_logged(self, fence: Fence, entries: Sequence[replay_pb2.ReplayEntry]) -> None:
