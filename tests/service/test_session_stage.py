@@ -167,3 +167,38 @@ async def test_a_cancelled_overlapped_request_leaves_state_and_log_in_agreement(
     await stage.push(sid, "r3", b"c", overlap=True)  # rebuilt from whatever the log holds, then extended
     assert stage.state[sid] == await logged(store, sid)
     assert (await logged(store, sid))[-1] == b"c"
+
+
+class GatedStore(CountingStore):
+    """The real store whose log writes wait for `gate` (to cancel a request while its write is in flight)."""
+
+    gate: asyncio.Event | None = None
+
+    async def append(self, *args, **kwargs):
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().append(*args, **kwargs)
+
+
+async def test_cancelled_again_while_its_write_settles_still_forgets_the_state(redis_url, sid):  # noqa: F811
+    store = GatedStore.from_url(redis_url, ttl_s=30, max_tokens=6)
+    stage = PayloadStage(store, "replica-A")
+    await stage.push(sid, "r1", b"a", overlap=True)
+    store.gate, entered = asyncio.Event(), asyncio.Event()
+
+    async def hang():
+        entered.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(stage.push(sid, "r2", b"b", overlap=True, before_apply=hang))
+    await entered.wait()
+    task.cancel()  # the apply stops; the request now waits for its (gated) write to settle
+    await asyncio.sleep(0)
+    task.cancel()  # and is cancelled again while it waits
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not stage.has_state(sid)
+    store.gate.set()
+    await stage.push(sid, "r3", b"c", overlap=True)
+    assert stage.state[sid] == await logged(store, sid) == [b"a", b"c"]
+    await store.aclose()
