@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import torch
 from ray import serve
@@ -30,7 +30,7 @@ from protos.minicpmo.v1 import llm_pb2, replay_pb2, tensor_pb2
 from services.common.generation import SamplingParams
 from services.common.tensor_codec import from_proto, to_proto
 from services.llm_core.context_window import WindowPolicy, embeddings, retained
-from services.llm_core.engine import LLMEngine
+from services.llm_core.engine import EXISTING, LLMEngine, SessionStateError
 from services.llm_core.model import load_llm_model
 from services.runtime import metrics
 from services.runtime.errors import InvalidArgument, Unavailable
@@ -118,6 +118,7 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         self.window = WindowPolicy(context_window_tokens, context_keep_tokens)
         self._rolling: dict[str, asyncio.Task] = {}
         self._roll_again_at: dict[str, int] = {}  # KV length below which a roll that saved little is not retried
+        self._built: set[str] = set()  # sessions whose KV this replica built: their requests need it to exist
         self._reporter: asyncio.Task | None = None
 
     def _report(self) -> None:
@@ -156,14 +157,32 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         with metrics.stage_timer("llm_prefill"):
             # overlap: the forward runs while the entry goes to Redis (the KV never gets ahead of the log outside
             # the session's lock; `services.runtime.session_stage` step 4)
-            kv_len = await self.log_then_apply(
-                sid, rid, lambda: entry, lambda _: self._prefill(sid, embeds), overlap=True
+            kv_len = await self._evicted_retried(
+                lambda: self.log_then_apply(sid, rid, lambda: entry, lambda _: self._prefill(sid, embeds), overlap=True)
             )
         self._maybe_roll(sid)
         return llm_pb2.PrefillResponse(kv_len=kv_len)
 
     async def _prefill(self, sid: str, embeds: torch.Tensor) -> int:
-        return (await self.engine.prefill(sid, embeds)).kv_len
+        kv_len = (await self.engine.prefill(sid, embeds, expected_kv_len=self._expected(sid))).kv_len
+        self._built.add(sid)
+        return kv_len
+
+    def _expected(self, sid: str) -> int:
+        """What a request of `sid` expects of the engine: the KV this replica built (which the engine may have
+        evicted since: the request then fails with SessionStateError instead of starting the session over), or
+        none yet."""
+        return EXISTING if sid in self._built else 0
+
+    @staticmethod
+    async def _evicted_retried(call: Callable[[], Awaitable[int]]) -> int:
+        """`call()`, once more if the engine had evicted the session's KV: the failure made the stage forget the
+        session, so the second call rebuilds it from the log (which may already hold this request: then the
+        rebuild answers it)."""
+        try:
+            return await call()
+        except SessionStateError:
+            return await call()
 
     # --- answers ------------------------------------------------------------------------------------------------
 
@@ -203,7 +222,7 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         generated: list[int] = []
         finish: list[llm_pb2.GenerateEvent] = []
         try:
-            async for msg in self._stream(sid, embeds, params, request):
+            async for msg in self._stream(sid, embeds, params, request, expected_kv_len=self._expected(sid)):
                 generated += msg.token_ids
                 if msg.stop:
                     finish.append(msg)
@@ -214,11 +233,13 @@ class LLMCore(SessionStage, SessionAffinityReplica):
             await self._log_answer(fence, rid, embeds, generated, stop, kv_before, kv_now)
 
     async def _stream(
-        self, sid: str, embeds: torch.Tensor, params: SamplingParams, request: llm_pb2.GenerateRequest
+        self, sid: str, embeds: torch.Tensor, params: SamplingParams, request: llm_pb2.GenerateRequest,
+        expected_kv_len: int | None = None,
     ) -> AsyncIterator[llm_pb2.GenerateEvent]:
         spk = request.spk_position if request.spk_position >= 0 else None
         first = True
-        async for ev in self.engine.generate(sid, embeds, params, spk_position=spk, stop_ids=request.stop_ids):
+        async for ev in self.engine.generate(sid, embeds, params, spk_position=spk, stop_ids=request.stop_ids,
+                                             expected_kv_len=expected_kv_len):  # fmt: skip
             msg = llm_pb2.GenerateEvent()
             if ev.token_id is not None:
                 msg.token_ids.append(ev.token_id)
@@ -303,13 +324,14 @@ class LLMCore(SessionStage, SessionAffinityReplica):
 
     def drop_state(self, session_id: str) -> None:
         self.engine.drop(session_id)
+        self._built.discard(session_id)
         self._roll_again_at.pop(session_id, None)
 
     async def rebuild(self, session_id: str, entries: Sequence[replay_pb2.ReplayEntry]) -> dict:
         results: dict = {}
         with metrics.stage_timer("llm_rebuild"):
             for entry in entries:
-                kv_len = (await self.engine.prefill(session_id, embeddings(entry, self.model.embed_tokens))).kv_len
+                kv_len = await self._prefill(session_id, embeddings(entry, self.model.embed_tokens))
                 results[entry.request_id] = kv_len if entry.HasField("prefill") else entry.answer
         if entries:
             metrics.REBUILDS.inc(tags={"stage": "llm"})

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from protos.minicpmo.v1 import replay_pb2
+from protos.minicpmo.v1 import llm_pb2, replay_pb2
 from services.gateway.auth import key_hash
 from services.gateway.sessions import SessionRecords
 from services.runtime.ownership import OwnershipStore, SessionLimitExceeded
@@ -202,3 +202,34 @@ async def test_cancelled_again_while_its_write_settles_still_forgets_the_state(r
     await stage.push(sid, "r3", b"c", overlap=True)
     assert stage.state[sid] == await logged(store, sid) == [b"a", b"c"]
     await store.aclose()
+
+
+async def test_an_llm_session_evicted_by_the_engine_is_rebuilt_not_started_over(redis_url, sid, tiny_checkpoint):  # noqa: F811
+    from services.llm_core.deployment import LLMCore
+
+    llm = LLMCore.func_or_class(str(tiny_checkpoint), "cpu", redis_url)
+
+    async def prefill(rid: str, n: int) -> int:
+        request = llm_pb2.PrefillRequest(session_id=sid, request_id=rid, kind=llm_pb2.PREFILL_KIND_TEXT,
+                                         input=llm_pb2.PrefillInput(input_ids=list(range(10, 10 + n))))  # fmt: skip
+        return (await llm.Prefill(request)).kv_len
+
+    try:
+        assert await prefill("r1", 10) == 10
+        assert await prefill("r2", 5) == 15
+        llm.engine.drop(sid)  # the engine frees the session's KV behind the stage's back, as an eviction does
+        assert await prefill("r3", 4) == 19, "found before the request: rebuilt from the log"
+
+        queue = llm.engine.prefill
+
+        async def evicted_first(session_id, embeds, **kwargs):  # the eviction lands after the stage's check
+            llm.engine.prefill = queue
+            llm.engine.drop(session_id)
+            return await queue(session_id, embeds, **kwargs)
+
+        llm.engine.prefill = evicted_first
+        assert await prefill("r4", 3) == 22, "evicted after the check: rebuilt from the log, not started over"
+        assert len(await llm.store.log(sid, "llm")) == 4
+    finally:
+        llm.engine.stop()
+        await llm.store.aclose()

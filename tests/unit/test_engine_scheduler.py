@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.llm_core.engine.kv_cache import EngineFullError, KVAllocator
 from services.llm_core.engine.scheduler import (
+    EXISTING,
     ContextLengthError,
     Scheduler,
     SessionStateError,
@@ -75,6 +76,21 @@ def test_expected_kv_len_mismatch_fails_the_request_with_a_rebuild_hint():
     assert "holds 4 KV tokens, caller expected 0" in str(err)
     ok = s.add("a", 4, decode=False, expected_kv_len=4)
     assert [c.request for c in s.schedule().prefills] == [ok]
+
+
+def test_a_request_that_needs_existing_kv_fails_once_it_was_evicted_instead_of_starting_over():
+    s = make()
+    s.add("a", 4, decode=False)
+    run_step(s)
+    s.finish(s.head("a"))
+    ok = s.add("a", 4, decode=True, expected_kv_len=EXISTING)  # any length: the caller's answers may grow it
+    assert [c.request for c in run_step(s).prefills] == [ok]
+    s.finish(ok)
+    s.kv.free("a")  # what an eviction does
+    r = s.add("a", 4, decode=False, expected_kv_len=EXISTING)
+    ((failed, err),) = s.schedule().failed
+    assert failed is r and isinstance(err, SessionStateError) and "rebuild" in str(err)
+    assert not s.kv.has("a"), "the session was not started over without its context"
 
 
 def test_session_token_limit():

@@ -13,11 +13,12 @@ from services.llm_core.engine.engine import (
     SessionDroppedError,
 )
 from services.llm_core.engine.kv_cache import EngineFullError
-from services.llm_core.engine.scheduler import ContextLengthError, SessionStateError
+from services.llm_core.engine.scheduler import EXISTING, ContextLengthError, SessionStateError
 from services.llm_core.sampling import NonFiniteScoresError
 
 __all__ = [
     "ContextLengthError",
+    "EXISTING",
     "EngineFullError",
     "EngineInputError",
     "GenEvent",

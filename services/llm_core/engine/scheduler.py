@@ -36,13 +36,19 @@ class ContextLengthError(ResourceExhausted, ValueError):
     """The session would grow past the longest KV the engine serves for one session."""
 
 
+EXISTING = -1
+"""`expected_kv_len` of a request for a session that must already hold KV, of whatever length (the caller's other
+requests may be growing it): the engine may evict an idle session at any time, and a request that found it gone
+would otherwise start the session over with none of its context."""
+
+
 @dataclass(eq=False)
 class Request:
     session_id: str
     prompt_len: int  # rows of inputs_embeds to prefill
     decode: bool  # after the prompt, decode one token per step until the engine finishes it
     seq: int  # arrival order
-    expected_kv_len: int | None = None  # checked when the request starts; 0 = must be a new session
+    expected_kv_len: int | None = None  # checked when the request starts; 0 = a new session, EXISTING = any KV
     payload: Any = None
     prefilled: int = 0
     started: bool = False
@@ -162,8 +168,9 @@ class Scheduler:
         """First scheduling of a request: check what the caller expects, create the session's KV if new."""
         sid = r.session_id
         have = self.kv.num_tokens(sid) if self.kv.has(sid) else None
+        want = r.expected_kv_len
         error: Exception | None = None
-        if r.expected_kv_len is not None and r.expected_kv_len != (have or 0):
+        if want is not None and (have is None if want == EXISTING else want != (have or 0)):
             if have is None:
                 error = SessionStateError(
                     f"session {sid!r} has no KV on this replica (evicted, dropped or never created); "
