@@ -17,7 +17,11 @@ API key of a session never changes, and a session closed elsewhere fails its nex
 
 State here: per session, its muxer and the chain of its scheduled calls. The muxer's content (the unfinished
 second of audio, the waiting frame, the unit count) is also written to Redis on every call, so another gateway
-replica continues a session whose replica died without losing that second (`SessionRecords.load`).
+replica continues a session whose replica died without losing that second (`SessionRecords.load`). That write is
+versioned, which keeps this copy honest when a session comes back: a scale-up moves some sessions to the new
+replica and a scale-down moves them back, to a replica that still holds their muxer of before. Its next write
+finds a newer version in Redis (`StaleLiveInput`); the call then drops the old copy, loads the session again and
+starts over (`_locked`), still in that one round trip when nothing moved.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ from services.gateway.requests import (
     sampling_params,
     voice_mode,
 )
-from services.gateway.sessions import InvalidTurn, LiveInput, SessionRecord, SessionRecords
+from services.gateway.sessions import InvalidTurn, LiveInput, SessionRecord, SessionRecords, StaleLiveInput
 from services.gateway.tdm import TDMMuxer, Unit
 from services.runtime import metrics
 
@@ -121,13 +125,14 @@ class _Session:
     muxer: TDMMuxer
     units: int
     kv_len: int
+    version: int  # of the live input in Redis that this copy matches
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # orders the session's inputs as they arrive
     prefill_tail: asyncio.Future | None = None  # the last scheduled prefill: the next one waits for it
     chunk_tail: asyncio.Future | None = None  # the last scheduled audio chunk: its stream continues in order
 
     def live_input(self) -> LiveInput:
         frame = self.muxer.pending_frame
-        return LiveInput(self.muxer.pending_audio(), frame.data if frame else None, self.units)
+        return LiveInput(self.muxer.pending_audio(), frame.data if frame else None, self.units, self.version)
 
 
 class LiveSessions:
@@ -157,10 +162,28 @@ class LiveSessions:
                 muxer.push_audio(live.pending_pcm)
             if live.pending_frame:
                 muxer.push_frame(_Frame(live.pending_frame, image_ref(live.pending_frame, 0, self.ctx.image_cfg)))
-            s = self.sessions.setdefault(sid, _Session(record.owner, record, muxer, live.units, record.tokens))
+            s = self.sessions.setdefault(
+                sid, _Session(record.owner, record, muxer, live.units, record.tokens, live.version)
+            )
             metrics.ACTIVE_SESSIONS.set(len(self.sessions))
         check_owner(caller, s.owner)
         return s
+
+    async def _locked(self, sid: str, caller: str, work: Callable[[_Session], Awaitable[T]]) -> tuple[_Session, T]:
+        """`work` on the session under its lock; when `work` finds this copy stale (see the module doc), once more
+        on the session loaded again. Calls already scheduled on the old copy stay first in line."""
+        s = await self._session(sid, caller)
+        try:
+            async with s.lock:
+                return s, await work(s)
+        except StaleLiveInput:
+            if self.sessions.get(sid) is s:
+                del self.sessions[sid]
+        fresh = await self._session(sid, caller)
+        async with fresh.lock:
+            fresh.prefill_tail = fresh.prefill_tail or s.prefill_tail
+            fresh.chunk_tail = fresh.chunk_tail or s.chunk_tail
+            return fresh, await work(fresh)
 
     async def _sweep(self, period_s: float = 15.0) -> None:
         """Forget the local state of sessions whose record expired (or was closed through another replica)."""
@@ -198,13 +221,13 @@ class LiveSessions:
             if ref is not None:
                 chunk = audio_pb2.EncodeChunkRequest(session_id=sid, pcm=to_proto(torch.from_numpy(ref)), fresh=True)
                 pieces.append(self.ctx.stages.encode_chunk(chunk))
-            s = _Session(caller, record, TDMMuxer(), 0, 0)
+            s = _Session(caller, record, TDMMuxer(), 0, 0, 0)
             self.sessions[sid] = s
             s.kv_len = (await self._prefill(sid, prompt, pieces, llm_pb2.PREFILL_KIND_SYSTEM)).kv_len
         except BaseException:
             await self._forget(sid)
             raise
-        return self._info(s, await self.records.get(sid))
+        return self._info(await self.records.get(sid), LiveInput())
 
     # --- append ---------------------------------------------------------------------------------------------------
 
@@ -217,12 +240,15 @@ class LiveSessions:
         frames = [(f.data, image_ref(f.data, i, self.ctx.image_cfg)) for i, f in enumerate(request.frames)]
         if pcm is None and not frames and not text:
             raise InvalidRequest("AppendUnit carries nothing: send audio, frames or text")
-        s = await self._session(request.session_id, caller)
-        async with s.lock:  # one session's inputs enter its KV in arrival order
+
+        async def enter(s: _Session) -> tuple[list[Unit], list[asyncio.Future]]:
             for data, ref in frames:
                 s.muxer.push_frame(_Frame(data, ref, None if s.muxer.pending_frame else self._encode_frame(data)))
             units = s.muxer.push_audio(pcm) if pcm is not None else []
-            scheduled = await self._schedule(request.session_id, s, units, text)
+            return units, await self._schedule(request.session_id, s, units, text)
+
+        # under the session's lock: one session's inputs enter its KV in arrival order
+        s, (units, scheduled) = await self._locked(request.session_id, caller, enter)
         results = await asyncio.gather(*scheduled)
         if results:
             s.kv_len = results[-1].kv_len
@@ -238,6 +264,7 @@ class LiveSessions:
         s.units += len(units)
         starts_input = bool(units or text)
         prev = await self._take_turn(lambda: self.records.save_input(sid, s.live_input(), start_turn=starts_input))
+        s.version += 1
         if prev == "answering":  # took the turn over from an answer whose gateway died: stop it on the LLM
             await self.ctx.stages.interrupt(sid)
         state = prompt_state(prev) if prev is not None else None
@@ -316,9 +343,11 @@ class LiveSessions:
         s = await self._session(sid, caller)
         opts = request.options if request.HasField("options") else _stored_options(s.record)
         params = sampling_params(opts, STREAMING_DEFAULTS, self.limits)
-        async with s.lock:
-            scheduled = await self._schedule(sid, s, s.muxer.flush(), "")  # the partial last second
-            tail = _pending(s.prefill_tail)
+
+        async def flush(s: _Session) -> tuple[list[asyncio.Future], asyncio.Future | None]:  # the partial last second
+            return await self._schedule(sid, s, s.muxer.flush(), ""), _pending(s.prefill_tail)
+
+        s, (scheduled, tail) = await self._locked(sid, caller, flush)
         await asyncio.gather(*scheduled)
         if tail is not None:
             await tail
@@ -390,21 +419,23 @@ class LiveSessions:
         self.ctx.stages.forget(sid)
 
     async def info(self, caller: str, sid: str) -> omni_pb2.SessionInfo:
-        s = await self._session(sid, caller)
-        return self._info(s, await self.records.get(sid))
+        """From Redis, not this replica's copy (which is stale if another replica served the session since)."""
+        record, live = await self.records.load(sid)
+        check_owner(caller, record.owner)
+        return self._info(record, live)
 
-    def _info(self, s: _Session, record: SessionRecord) -> omni_pb2.SessionInfo:
+    def _info(self, record: SessionRecord, live: LiveInput) -> omni_pb2.SessionInfo:
         return omni_pb2.SessionInfo(
             session_id=record.session_id,
             mode=_MODE_IDS.get(record.mode, omni_pb2.VOICE_MODE_UNSPECIFIED),
             language=record.language,
             state=_STATES.get(record.turn, omni_pb2.SESSION_STATE_UNSPECIFIED),
             token_count=record.tokens,
-            units=s.units,
+            units=live.units,
             created_at=record.created_at,
             last_active_at=record.updated_at,
             idle_ttl_s=record.ttl_s,
-            pending_audio_ms=s.muxer.pending_samples * 1000 // SAMPLE_RATE,
+            pending_audio_ms=live.pending_pcm.size * 1000 // SAMPLE_RATE,
             context_window_tokens=self.limits.context_window_tokens,
             context_keep_tokens=self.limits.context_keep_tokens,
         )

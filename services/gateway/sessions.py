@@ -16,7 +16,9 @@ most one lease period the next Respond or input takes the turn over (as if the d
 nothing (`end_answer` checks the id).
 
 Live input (`LiveInput`): the audio of the second not yet complete, the latest frame waiting for its unit, and
-the unit count, kept with the session so another gateway replica continues a session whose replica died.
+the unit count, kept with the session so another gateway replica continues a session whose replica died. It is
+versioned: a replica writes it only over the version it last read or wrote (`StaleLiveInput` otherwise), so a
+replica whose in-memory copy is old (the session was served by another replica meanwhile) cannot write it back.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from services.gateway.auth import check_owner
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.runtime.ownership import (LUA_REFRESH, SessionKeys, SessionNotFound, missing_sessions, redis_client,
                                        store_errors)
 
@@ -40,6 +42,10 @@ TURN_STATES = ("idle", "user_turn", "answering", "interrupted", "answered")
 
 class InvalidTurn(FailedPrecondition):
     """A turn transition that the conversation state does not allow (e.g. Respond while an answer runs)."""
+
+
+class StaleLiveInput(Unavailable):
+    """The live input changed in Redis since this replica read it: another gateway replica served the session."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class LiveInput:
     pending_pcm: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # 16 kHz float32
     pending_frame: bytes | None = None
     units: int = 0
+    version: int = 0  # how many times it was saved
 
 
 # KEYS[1] = rec; ARGV: ttl, field1, value1, ... -> 1 created / 0 already exists (never overwritten).
@@ -120,9 +127,12 @@ return prev
 """
 
 # Live input of one AppendUnit call, with the user turn started when it begins one. ARGV: ttl, now, start turn
-# (0/1), lease unused, pcm, frame, units -> previous turn ('' when not starting), or error 'GONE' / 'TURN <prev>'.
+# (0/1), lease unused, pcm, frame, units, the version it replaces -> previous turn ('' when not starting), or error
+# 'GONE' / 'STALE' (the stored version is another) / 'TURN <prev>'.
 _LUA_INPUT = LUA_REFRESH + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('GONE') end
+local version = tonumber(ARGV[8])
+if tonumber(redis.call('HGET', KEYS[2], 'version') or '0') ~= version then return redis.error_reply('STALE') end
 local prev = ''
 if ARGV[3] == '1' then
   local h = redis.call('HMGET', KEYS[1], 'turn', 'answer_deadline')
@@ -134,7 +144,7 @@ if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], 'turn', 'user_turn')
 end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
-redis.call('HSET', KEYS[2], 'pcm', ARGV[5], 'frame', ARGV[6], 'units', ARGV[7])
+redis.call('HSET', KEYS[2], 'pcm', ARGV[5], 'frame', ARGV[6], 'units', ARGV[7], 'version', version + 1)
 refresh(tonumber(ARGV[1]))
 return prev
 """
@@ -268,14 +278,16 @@ class SessionRecords:
             pending_pcm=np.frombuffer(live.get(b"pcm", b""), dtype="<f4").copy(),
             pending_frame=live.get(b"frame") or None,
             units=int(live.get(b"units", 0)),
+            version=int(live.get(b"version", 0)),
         )
 
     async def save_input(self, session_id: str, live: LiveInput, start_turn: bool) -> str | None:
-        """Store the unfinished live input and refresh the session's TTL, starting the user turn first when
-        `start_turn` (returns the previous turn then, as `start_user_turn`); one round trip."""
+        """Store the unfinished live input as version `live.version + 1` (`StaleLiveInput` unless the stored one is
+        `live.version`) and refresh the session's TTL, starting the user turn first when `start_turn` (returns the
+        previous turn then, as `start_user_turn`); one round trip."""
         args = [
             self.ttl_s, repr(time.time()), int(start_turn), "",
-            live.pending_pcm.astype("<f4").tobytes(), live.pending_frame or b"", live.units,
+            live.pending_pcm.astype("<f4").tobytes(), live.pending_frame or b"", live.units, live.version,
         ]  # fmt: skip
         try:
             with store_errors(session_id):
@@ -287,6 +299,8 @@ class SessionRecords:
 
 def _turn_error(err: Exception, session_id: str) -> Exception:
     msg = str(err)
+    if msg == "STALE":
+        return StaleLiveInput(f"session {session_id} was served by another gateway replica meanwhile; retry")
     if msg.startswith("TURN"):
         return InvalidTurn(
             f"session {session_id} is answering: Interrupt the running answer first (or wait for it to end)"

@@ -330,3 +330,34 @@ def test_first_frame_of_a_second_is_encoded_on_arrival_and_the_latest_is_used(se
     assert seen == [[a], [a], [a, b]]  # a at once; b, which replaced a in the unit, when the second completed
     assert answer == asyncio.run(drive_one_second(served, [(b, pcm[:16000])]))[1]
     assert answer != asyncio.run(drive_one_second(served, [(a, pcm[:16000])]))[1]  # the frame shows in the answer
+
+
+async def fed_by_turns(served, pieces: list[np.ndarray], replicas: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """A session fed `pieces` of audio, piece i through gateway replica `replicas[i]` (each a live-session driver
+    of its own, as two Gateway replicas are): (units prefilled, pending audio ms) of each call, and the answer."""
+    def stages(handles: list) -> RayStages:
+        return RayStages(*handles)
+
+    async with local_driver(served, stages) as (first, caller, _), local_driver(served, stages) as (second, *_):
+        gateways = [first, second]
+        sid = (await first.create(caller, omni_pb2.CreateSessionRequest())).session_id
+        seen = []
+        for pcm, r in zip(pieces, replicas):
+            reply = await gateways[r].append(caller, omni_pb2.AppendUnitRequest(session_id=sid, audio=audio_msg(pcm)))
+            seen.append((reply.units_prefilled, reply.pending_audio_ms))
+        units = (await gateways[replicas[-1]].info(caller, sid)).units
+        events = [e async for e in gateways[replicas[-1]].respond(
+            caller, omni_pb2.RespondRequest(session_id=sid, options=greedy(8)))]  # fmt: skip
+        await first.close(caller, sid)
+    return seen + [(units, -1)], list(events[-1].final.token_ids)
+
+
+def test_session_moved_to_another_gateway_and_back_continues_exactly(served, unit_inputs):
+    """A scale-up moves a session to a new gateway replica, a scale-down moves it back: the replica it returns to
+    still holds the muxer of before the move. It must continue from what the other replica left in Redis (here
+    0.2 s of pending audio, one unit more), not from its own stale copy, and answer as one replica would."""
+    pcm, _ = unit_inputs
+    pieces = [pcm[:6400], pcm[6400:19200], pcm[19200:32000]]  # 0.4 s, then 0.8 s, then 0.8 s
+    moved, answer = asyncio.run(fed_by_turns(served, pieces, [0, 1, 0]))
+    assert moved == [(0, 400), (1, 200), (1, 0), (2, -1)]
+    assert answer == asyncio.run(fed_by_turns(served, pieces, [0, 0, 0]))[1]

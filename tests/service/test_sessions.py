@@ -12,7 +12,7 @@ import pytest
 from protos.minicpmo.v1 import replay_pb2
 from services.app.redis_server import RedisServer
 from services.gateway.auth import PermissionDenied, key_hash
-from services.gateway.sessions import InvalidTurn, LiveInput, SessionRecords
+from services.gateway.sessions import InvalidTurn, LiveInput, SessionRecords, StaleLiveInput
 from services.runtime.errors import InvalidArgument
 from services.runtime.ownership import (
     Fence,
@@ -200,12 +200,12 @@ async def test_replay_log_round_trip_limits_and_rewrite(records, store):
 async def test_turns_and_the_answer_lease(records):
     sid = (await records.create(ALICE, "omni", "en")).session_id
     assert await records.save_input(sid, LiveInput(), start_turn=True) == "idle"
-    assert await records.save_input(sid, LiveInput(), start_turn=True) == "user_turn"
+    assert await records.save_input(sid, LiveInput(version=1), start_turn=True) == "user_turn"
     assert await records.begin_answer(sid, "a1") == "user_turn"
     with pytest.raises(InvalidTurn, match="Interrupt"):
         await records.begin_answer(sid, "a2")  # the answer a1 is running
     with pytest.raises(InvalidTurn):
-        await records.save_input(sid, LiveInput(), start_turn=True)
+        await records.save_input(sid, LiveInput(version=2), start_turn=True)
     assert await records.heartbeat(sid, "a1") and not await records.heartbeat(sid, "a2")
     assert await records.end_answer(sid, "a1", "answered")
     assert (await records.get(sid)).turn == "answered"
@@ -236,9 +236,24 @@ async def test_live_input_round_trip(records):
     record, loaded = await records.load(sid)
     np.testing.assert_array_equal(loaded.pending_pcm, live.pending_pcm)
     assert (loaded.pending_frame, loaded.units, record.turn) == (live.pending_frame, 7, "idle")
-    await records.save_input(sid, LiveInput(), start_turn=False)
+    await records.save_input(sid, LiveInput(version=loaded.version), start_turn=False)
     _, empty = await records.load(sid)
-    assert (empty.pending_pcm.size, empty.pending_frame, empty.units) == (0, None, 0)
+    assert (empty.pending_pcm.size, empty.pending_frame, empty.units, empty.version) == (0, None, 0, 2)
+
+
+async def test_live_input_is_written_only_over_the_version_last_read(records):
+    """Two gateway replicas that loaded the same version: the first write wins, the second (a copy that is now
+    stale) is refused whole, its turn change included."""
+    sid = (await records.create(ALICE, "omni", "en")).session_id
+    (_, a), (_, b) = await records.load(sid), await records.load(sid)
+    assert a.version == b.version == 0
+    a.units, b.units = 1, 5
+    await records.save_input(sid, a, start_turn=False)
+    with pytest.raises(StaleLiveInput, match="another gateway replica"):
+        await records.save_input(sid, b, start_turn=True)
+    record, stored = await records.load(sid)
+    assert (stored.units, stored.version, record.turn) == (1, 1, "idle")
+    assert await records.save_input(sid, stored, start_turn=True) == "idle"  # a fresh copy writes on
 
 
 async def test_delete_removes_every_key(records, store):
