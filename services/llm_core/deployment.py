@@ -201,6 +201,22 @@ class LLMCore(SessionStage, SessionAffinityReplica):
             finally:
                 self.engine.drop(sid)
             return
+        # Evicted by the engine after the stage's check (`_expected`): nothing was streamed yet, and the failure
+        # left no state, so the answer runs once more and its `owned` rebuilds the session from the log.
+        streamed = False
+        try:
+            async for msg in self._answer(sid, rid, embeds, params, request):
+                streamed = True
+                yield msg
+        except SessionStateError:
+            if streamed:
+                raise
+            async for msg in self._answer(sid, rid, embeds, params, request):
+                yield msg
+
+    async def _answer(
+        self, sid: str, rid: str, embeds: torch.Tensor, params: SamplingParams, request: llm_pb2.GenerateRequest
+    ) -> AsyncIterator[llm_pb2.GenerateEvent]:
         async with self.owned(sid) as fence:
             done = self.result(sid, rid)
             if done is None:

@@ -233,3 +233,43 @@ async def test_an_llm_session_evicted_by_the_engine_is_rebuilt_not_started_over(
     finally:
         llm.engine.stop()
         await llm.store.aclose()
+
+
+async def test_an_answer_whose_session_the_engine_evicts_after_the_check_is_answered_from_the_rebuilt_kv(
+    redis_url, sid, tiny_checkpoint  # noqa: F811
+):
+    from services.common.generation import GREEDY
+    from services.gateway.context import sampling_msg
+    from services.llm_core.deployment import LLMCore
+
+    llm = LLMCore.func_or_class(str(tiny_checkpoint), "cpu", redis_url)
+
+    async def answer(session_id: str, rid: str) -> list[int]:
+        await llm.Prefill(llm_pb2.PrefillRequest(session_id=session_id, request_id=f"p-{rid}", kind=llm_pb2.PREFILL_KIND_TEXT,
+                                                 input=llm_pb2.PrefillInput(input_ids=list(range(10, 22)))))  # fmt: skip
+        request = llm_pb2.GenerateRequest(
+            session_id=session_id, request_id=rid, input=llm_pb2.PrefillInput(input_ids=[7, 8]),
+            sampling=sampling_msg(GREEDY.with_(max_new_tokens=6)), spk_position=-1,
+        )  # fmt: skip
+        return [t for msg in [m async for m in llm.Generate(request)] for t in msg.token_ids]
+
+    records = SessionRecords.from_url(redis_url, ttl_s=30)
+    try:
+        reference = await answer((await records.create(key_hash("alice"), "omni", "en")).session_id, "a0")
+        generate = llm.engine.generate
+
+        def evicted_first(session_id, *args, **kwargs):  # the eviction lands after the stage's check
+            llm.engine.generate = generate
+            llm.engine.drop(session_id)
+            return generate(session_id, *args, **kwargs)
+
+        llm.engine.generate = evicted_first
+        assert await answer(sid, "a1") == reference, "evicted after the check: rebuilt from the log, answered once"
+        assert llm.engine.generate is generate  # the eviction did happen
+        log = await llm.store.log(sid, "llm")
+        assert [e.WhichOneof("content") for e in log] == ["prefill", "answer"]
+        assert list(log[1].answer.streamed_ids) == reference
+    finally:
+        llm.engine.stop()
+        await llm.store.aclose()
+        await records.aclose()
