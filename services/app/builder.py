@@ -31,6 +31,9 @@ from services.vision_encoder.deployment import VisionEncoder
 DEPLOYMENTS = {d.name: d for d in (VisionEncoder, AudioEncoder, LLMCore, TTSDecoder, Vocoder, Gateway)}
 # Deployments that hold per-session (or per-utterance) state: every call of a session goes to one replica.
 AFFINITY = {"Gateway", "AudioEncoder", "LLMCore", "TTSDecoder", "Vocoder"}
+# ... and those whose per-utterance state exists only there: an utterance stays on its replica through a
+# scale-up (sticky keys, `services.runtime.routing`) while it is used at least this often.
+UTTERANCE_STICKY_S = {"TTSDecoder": 120.0, "Vocoder": 120.0}
 TINY_DIR = Path(".run/tiny-checkpoint")
 GRPC_SERVICER_FUNCTIONS = [
     "services.gateway.grpc_api.add_MiniCPMOServicer_to_server",
@@ -58,7 +61,8 @@ def deployment_options(name: str, args: AppArgs, device: str) -> tuple[dict[str,
     spec = args.deployment(name, device)
     options = spec.options()
     if name in AFFINITY:
-        options["request_router_config"] = affinity_router_config()
+        sticky = {"sticky_idle_s": UTTERANCE_STICKY_S[name]} if name in UTTERANCE_STICKY_S else {}
+        options["request_router_config"] = affinity_router_config(request_router_kwargs=sticky)
     return options, spec.init_kwargs
 
 

@@ -18,7 +18,17 @@ How the owner is chosen
     (scale-down) and the session goes to the rendezvous winner among the live ranks. Trailing slots missing
     longer than the patience are dropped from ``n`` (ranks are compacted after a scale-down).
     Choosing the patience: longer than a replica restart (keeps "moves exactly once"), shorter than what a
-    caller may wait. Requests without a session id are offered every replica (least-loaded wins, as default).
+    caller may wait.
+    Sticky keys (``sticky_idle_s`` > 0): a key keeps the replica it was last routed to while that replica lives
+    and the key is used at least every ``sticky_idle_s``, even when a scale-up makes another rank its rendezvous
+    winner. This is for state that exists only in the replica and cannot be rebuilt elsewhere, an utterance being
+    spoken. Without it, a scale-up of ``TTSDecoder`` mid-answer sends ~1/n of the answers' text pushes to a
+    replica that never saw their ``Speak`` (whose stream then waits for text that went elsewhere), and ~1/n of
+    ``Vocoder`` chunks to a fresh stream (losing the held tail of the cross-fade). The map is this router's own,
+    so it fits keys whose calls all come from one process, as an utterance's do (its answer's gateway replica;
+    its TTSDecoder replica for the Vocoder). Sessions whose state is in Redis are not sticky: their calls come
+    from every gateway replica, and routers that answered differently would split them.
+    Requests without a session id are offered every replica (least-loaded wins, as default).
     The router does not read Redis: who serves is decided here; the Redis lease (``services.gateway.sessions``)
     records who HOLDS the state, with a fencing epoch, so a replica that gets a session it did not build
     rebuilds it from the replay log, and a replica that lost it can never write stale state.
@@ -26,11 +36,12 @@ How the owner is chosen
 Public API
 ----------
 ``SessionAffinityRouter``: the ``RequestRouter`` subclass (kwargs via ``request_router_kwargs``:
-    ``missing_rank_patience_s`` (default 30.0)); usable by path ``"services.runtime.routing:SessionAffinityRouter"``.
+    ``missing_rank_patience_s`` (default 30.0), ``sticky_idle_s`` (default 0: off)); usable by path
+    ``"services.runtime.routing:SessionAffinityRouter"``.
     A deployment that does not publish ranks still gets one replica per session (rendezvous over replica ids,
     with a warning), but then a dead replica's replacement also takes ~1/n of the other sessions.
 ``owner_rank(session_id, ranks) -> rank``: the pure rendezvous choice. ``RankSlots``: the pure slot bookkeeping
-    (``owner(session_id, live_ranks, now) -> rank | None``).
+    (``owner(session_id, live_ranks, now) -> rank | None``). ``StickyKeys``: the pure sticky map.
 ``SessionAffinityReplica``: mixin for the routed deployment classes (LLMCore, AudioEncoder): publishes the
     replica's rank through ``record_routing_stats`` (refreshed, follows rank changes) and
     ``record_replica_metadata`` (available the moment the replica is ready). Adds nothing else.
@@ -49,6 +60,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -110,13 +122,53 @@ class RankSlots:
         return owner_rank(session_id, live)
 
 
+class StickyKeys:
+    """Pure bookkeeping of the replica each key was last routed to, kept while the key is in use: an entry not
+    used for ``idle_s`` expires (oldest first, so the map holds only the keys of the last ``idle_s``)."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = float(idle_s)
+        self._last: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (replica id, last used), oldest first
+
+    def get(self, key: str, now: float) -> str | None:
+        self._expire(now)
+        held = self._last.get(key)
+        return held[0] if held is not None else None
+
+    def put(self, key: str, replica_id: str, now: float) -> None:
+        self._last[key] = (replica_id, now)
+        self._last.move_to_end(key)
+        self._expire(now)
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def _expire(self, now: float) -> None:
+        while self._last and now - next(iter(self._last.values()))[1] > self.idle_s:
+            self._last.popitem(last=False)
+
+
 class SessionAffinityRouter(RequestRouter):
-    def initialize_state(self, missing_rank_patience_s: float = 30.0, **kwargs: Any) -> None:
+    def initialize_state(
+        self, missing_rank_patience_s: float = 30.0, sticky_idle_s: float = 0.0, **kwargs: Any
+    ) -> None:
         self._slots = RankSlots(missing_rank_patience_s)
+        self._sticky = StickyKeys(sticky_idle_s) if sticky_idle_s > 0 else None
         self._warned_no_ranks = False
 
     def owner(self, session_id: str, candidates: list[RunningReplica]) -> RunningReplica | None:
         """The one replica that serves ``session_id`` now, or None while its rank's replacement is starting."""
+        if self._sticky is None:
+            return self._rendezvous_owner(session_id, candidates)
+        now = time.monotonic()
+        held = self._sticky.get(session_id, now)
+        chosen = next((r for r in candidates if r.replica_id.unique_id == held), None) if held else None
+        chosen = chosen or self._rendezvous_owner(session_id, candidates)
+        if chosen is not None:
+            self._sticky.put(session_id, chosen.replica_id.unique_id, now)
+        return chosen
+
+    def _rendezvous_owner(self, session_id: str, candidates: list[RunningReplica]) -> RunningReplica | None:
         live: dict[int, RunningReplica] = {}
         for replica in sorted(candidates, key=lambda r: r.replica_id.unique_id):
             rank = _published_rank(replica)

@@ -65,3 +65,13 @@ def test_redis_url_is_required(monkeypatch):
     monkeypatch.delenv("MINICPMO_REDIS_URL", raising=False)
     with pytest.raises(ValueError, match="redis_url"):
         build_app({"model_dir": "x"})
+
+
+def test_only_utterance_stages_route_sticky():
+    """Utterances live only in their TTSDecoder / Vocoder replica: their keys stay put through a scale-up. Sessions
+    whose state Redis can rebuild (Gateway, AudioEncoder, LLMCore) follow the rendezvous owner, the same for
+    every router."""
+    args = AppArgs.model_validate({})
+    sticky = {name: deployment_options(name, args, "cpu")[0]["request_router_config"].request_router_kwargs
+              for name in ("Gateway", "AudioEncoder", "LLMCore", "TTSDecoder", "Vocoder")}  # fmt: skip
+    assert {name for name, kw in sticky.items() if kw.get("sticky_idle_s", 0) > 0} == {"TTSDecoder", "Vocoder"}

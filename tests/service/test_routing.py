@@ -1,5 +1,6 @@
 """Session-affinity router on a REAL local Ray Serve: 3 replicas, 20 sessions, one replica per session; a killed
-replica's sessions move exactly once (to its replacement) and no other session moves.
+replica's sessions move exactly once (to its replacement) and no other session moves; an autoscaled scale-up
+moves rendezvous keys to the new ranks but no sticky key.
 
 The deployment here is a tiny echo (the router is pure routing logic; the model deployments use the same router
 through ``affinity_router_config``). Reuses a Ray already started by the test session (F1's cluster fixture);
@@ -169,3 +170,66 @@ def test_deployment_without_ranks_still_gets_one_replica_per_session(rankless_ha
         assert len({hits[0][0] for hits in served.values()}) > 1  # still spread over replicas
 
     asyncio.run(scenario())
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.01},
+    max_ongoing_requests=4,
+    # scales 1 -> 3 as soon as requests wait (the production path of a scale-up)
+    autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                        "upscale_delay_s": 0, "metrics_interval_s": 0.5, "look_back_period_s": 1},
+)
+class ScaledEcho(SessionAffinityReplica):
+    """Answers with its replica id; autoscaled from one replica to three by a burst of held requests."""
+
+    def __init__(self) -> None:
+        self.replica = serve.get_replica_context().replica_id.unique_id
+
+    async def __call__(self, session_id: str, hold_s: float = 0.0) -> tuple[str, str, int]:
+        if hold_s:
+            await asyncio.sleep(hold_s)
+        return self.replica, "", -1
+
+
+def scaled_echo(sticky_idle_s: float):
+    router = affinity_router_config(request_router_kwargs={"sticky_idle_s": sticky_idle_s} if sticky_idle_s else {},
+                                    request_routing_stats_period_s=0.5)  # fmt: skip
+    return ScaledEcho.options(request_router_config=router).bind()
+
+
+@pytest.mark.parametrize("sticky_idle_s", [0.0, 60.0])
+def test_a_scale_up_moves_keys_unless_they_are_sticky(serve_instance, sticky_idle_s):
+    """Keys routed while one replica ran, routed again through the same handle (router) after an autoscaled
+    scale-up to three: rendezvous keys move to the new ranks they now win (a session rebuilds its state there
+    from Redis); sticky keys (an utterance being spoken, whose state cannot move) stay where they were."""
+    app = f"{APP}-scaled-{int(sticky_idle_s)}"
+    keys = [f"utterance-{i:02d}" for i in range(20)]
+
+    async def owners(handle, ks: list[str], hold_s: float = 0.0) -> dict[str, str]:
+        return dict(zip(ks, [r[0] for r in await asyncio.gather(*(call(handle, k, hold_s) for k in ks))]))
+
+    async def scenario(handle) -> tuple[dict[str, str], dict[str, str], str]:
+        before = await owners(handle, keys)
+        assert len(set(before.values())) == 1
+        first = next(iter(before.values()))
+        deadline = time.monotonic() + 90
+        burst = 0
+        while True:  # held requests on fresh keys queue up until the autoscaler adds replicas and we see them all
+            burst += 1
+            seen = set((await owners(handle, [f"load-{burst}-{i:02d}" for i in range(24)], hold_s=0.3)).values())
+            if len(seen) == 3:
+                break
+            assert time.monotonic() < deadline, f"no scale-up to 3 replicas: saw {seen}"
+        assert first in seen, "the first replica was replaced: this was no scale-up"
+        return before, await owners(handle, keys), first
+
+    try:
+        handle = serve.run(scaled_echo(sticky_idle_s), name=app, route_prefix=None)
+        before, after, first = asyncio.run(scenario(handle))
+    finally:
+        serve.delete(app)
+    moved = [k for k in keys if after[k] != before[k]]
+    if sticky_idle_s:
+        assert not moved, f"sticky keys moved on a scale-up: {moved}"
+    else:
+        assert moved, "no rendezvous key moved to a new rank: the scale-up changed no owner"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.runtime.routing import RankSlots, owner_rank
+from services.runtime.routing import RankSlots, StickyKeys, owner_rank
 
 SESSIONS = [f"s{i}" for i in range(300)]
 
@@ -59,3 +59,14 @@ def test_trailing_slot_dropped_after_scale_down():
 
 def test_no_live_rank_means_wait():
     assert RankSlots().owner("s", set(), now=0) is None
+
+
+def test_sticky_keys_hold_their_replica_while_used_and_expire_when_idle():
+    sticky = StickyKeys(idle_s=10)
+    sticky.put("a", "r1", now=0)
+    sticky.put("b", "r2", now=5)
+    assert sticky.get("a", now=9) == "r1" and sticky.get("c", now=9) is None
+    sticky.put("a", "r1", now=9)  # used again: a's clock restarts
+    assert sticky.get("b", now=16) is None  # idle since 5
+    assert sticky.get("a", now=16) == "r1" and len(sticky) == 1
+    assert sticky.get("a", now=20) is None and len(sticky) == 0
