@@ -50,14 +50,8 @@ class Echo(SessionAffinityReplica):
         return self.replica, self.actor_name, serve.get_replica_context().rank.rank
 
 
-@serve.deployment(
-    num_replicas=N_REPLICAS,
-    max_ongoing_requests=2,
-    ray_actor_options={"num_cpus": 0.1},
-    request_router_config={"request_router_class": "services.runtime.routing:SessionAffinityRouter"},
-)
-class RanklessEcho:
-    """Routed by the same router but without the rank-publishing mixin (the router's fallback path)."""
+class ReplicaEcho:
+    """Answers with its replica id (and no actor name or rank)."""
 
     def __init__(self) -> None:
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -66,6 +60,16 @@ class RanklessEcho:
         if hold_s:
             await asyncio.sleep(hold_s)
         return self.replica, "", -1
+
+
+@serve.deployment(
+    num_replicas=N_REPLICAS,
+    max_ongoing_requests=2,
+    ray_actor_options={"num_cpus": 0.1},
+    request_router_config={"request_router_class": "services.runtime.routing:SessionAffinityRouter"},
+)
+class RanklessEcho(ReplicaEcho):
+    """Routed by the same router but without the rank-publishing mixin (the router's fallback path)."""
 
 
 @pytest.fixture(scope="module")
@@ -179,16 +183,8 @@ def test_deployment_without_ranks_still_gets_one_replica_per_session(rankless_ha
     autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
                         "upscale_delay_s": 0, "metrics_interval_s": 0.5, "look_back_period_s": 1},
 )
-class ScaledEcho(SessionAffinityReplica):
-    """Answers with its replica id; autoscaled from one replica to three by a burst of held requests."""
-
-    def __init__(self) -> None:
-        self.replica = serve.get_replica_context().replica_id.unique_id
-
-    async def __call__(self, session_id: str, hold_s: float = 0.0) -> tuple[str, str, int]:
-        if hold_s:
-            await asyncio.sleep(hold_s)
-        return self.replica, "", -1
+class ScaledEcho(ReplicaEcho, SessionAffinityReplica):
+    """Autoscaled from one replica to three by a burst of held requests."""
 
 
 def scaled_echo(sticky_idle_s: float):
