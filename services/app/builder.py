@@ -21,6 +21,7 @@ from typing import Any
 from ray import serve
 
 from services.app.args import AppArgs
+from services.app.serve_env import haproxy_ingress
 from services.audio_encoder.deployment import AudioEncoder
 from services.gateway.deployment import Gateway
 from services.llm_core.deployment import LLMCore
@@ -29,7 +30,8 @@ from services.tts_decoder.deployment import TTSDecoder, Vocoder
 from services.vision_encoder.deployment import VisionEncoder
 
 DEPLOYMENTS = {d.name: d for d in (VisionEncoder, AudioEncoder, LLMCore, TTSDecoder, Vocoder, Gateway)}
-# Deployments that hold per-session (or per-utterance) state: every call of a session goes to one replica.
+# Deployments that hold per-session (or per-utterance) state: every call of a session goes to one replica (the
+# Gateway's calls come through HAProxy when that is on, which hashes the session id itself: `serve_env`).
 AFFINITY = {"Gateway", "AudioEncoder", "LLMCore", "TTSDecoder", "Vocoder"}
 # ... and those whose per-utterance state exists only there: an utterance stays on its replica through a
 # scale-up (sticky keys, `services.runtime.routing`) while it is used at least this often.
@@ -60,7 +62,7 @@ def deployment_options(name: str, args: AppArgs, device: str) -> tuple[dict[str,
     """(Deployment.options kwargs, extra constructor kwargs) of one deployment: defaults, then overrides."""
     spec = args.deployment(name, device)
     options = spec.options()
-    if name in AFFINITY:
+    if name in AFFINITY and not (name == "Gateway" and haproxy_ingress()):
         sticky = {"sticky_idle_s": UTTERANCE_STICKY_S[name]} if name in UTTERANCE_STICKY_S else {}
         options["request_router_config"] = affinity_router_config(request_router_kwargs=sticky)
     return options, spec.init_kwargs

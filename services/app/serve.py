@@ -91,7 +91,7 @@ def serve_main(args: argparse.Namespace) -> int:
         key = keys.split(",")[0]
         print(
             f"\nMiniCPM-o serving pipeline is up.\n"
-            f"  gRPC:    port {args.port} on every interface (Ray Serve's proxy binds [::]; the API key guards it)\n"
+            f"  gRPC:    {http['host']}:{args.port} (HAProxy binds it on the HTTP host; the API key guards it)\n"
             f"           minicpmo.v1.MiniCPMO, grpc.health.v1.Health, reflection; metadata 'x-api-key: <key>'\n"
             f"  HTTP:    http://{http['host']}:{http['port']}/v1 (OpenAI-compatible: chat/completions, realtime,\n"
             f"           models; header 'Authorization: Bearer <key>'); the web page at http://{http['host']}:"

