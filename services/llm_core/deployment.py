@@ -154,6 +154,7 @@ class LLMCore(SessionStage, SessionAffinityReplica):
                 embeddings=to_proto(embeds),
             ),
         )  # fmt: skip
+        await self._after_roll_if_full(sid, embeds.shape[0])
         with metrics.stage_timer("llm_prefill"):
             # overlap: the forward runs while the entry goes to Redis (the KV never gets ahead of the log outside
             # the session's lock; `services.runtime.session_stage` step 4)
@@ -201,6 +202,7 @@ class LLMCore(SessionStage, SessionAffinityReplica):
             finally:
                 self.engine.drop(sid)
             return
+        await self._after_roll_if_full(sid, embeds.shape[0])
         # Evicted by the engine after the stage's check (`_expected`): nothing was streamed yet, and the failure
         # left no state, so the answer runs once more and its `owned` rebuilds the session from the log.
         streamed = False
@@ -288,6 +290,14 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         self._maybe_roll(sid)
 
     # --- rolling context ----------------------------------------------------------------------------------------
+
+    async def _after_roll_if_full(self, sid: str, tokens: int) -> None:
+        """Input that would take the session past its hard limit while its context rolls waits for the roll, and goes
+        into the trimmed KV: a client that sends units faster than the roll is built (a recording fed faster than
+        real time) is slowed down, not refused. Outside the session's lock, which the roll's switch takes."""
+        rolling = self._rolling.get(sid)
+        if rolling is not None and (self.engine.kv_len(sid) or 0) + tokens > self.max_session_tokens:
+            await asyncio.shield(rolling)  # a cancelled caller leaves the roll running
 
     def _maybe_roll(self, sid: str) -> None:
         kv = self.engine.kv_len(sid) or 0

@@ -273,3 +273,42 @@ async def test_an_answer_whose_session_the_engine_evicts_after_the_check_is_answ
         llm.engine.stop()
         await llm.store.aclose()
         await records.aclose()
+
+
+async def test_a_unit_over_the_hard_limit_while_the_context_rolls_waits_for_the_roll(redis_url, sid, tiny_checkpoint):  # noqa: F811
+    """Units sent faster than the roll is built (a recording fed faster than real time) reach the hard limit before
+    the trimmed KV is ready: the unit that would pass it waits for the roll and goes into the trimmed KV, instead of
+    failing RESOURCE_EXHAUSTED (which it did before)."""
+    from services.llm_core.deployment import LLMCore
+
+    llm = LLMCore.func_or_class(str(tiny_checkpoint), "cpu", redis_url, max_session_tokens=64,
+                                context_window_tokens=40, context_keep_tokens=20)  # fmt: skip
+    gate = asyncio.Event()
+    roll = llm._roll
+
+    async def held_roll(session_id: str) -> None:  # the roll is slower than the units, as a big one is
+        await gate.wait()
+        await roll(session_id)
+
+    llm._roll = held_roll
+
+    async def prefill(rid: str, kind: int) -> int:
+        request = llm_pb2.PrefillRequest(session_id=sid, request_id=rid, kind=kind,
+                                         input=llm_pb2.PrefillInput(input_ids=list(range(10, 18))))  # fmt: skip
+        return (await llm.Prefill(request)).kv_len
+
+    try:
+        assert await prefill("system", llm_pb2.PREFILL_KIND_SYSTEM) == 8
+        kv = [await prefill(f"u{i}", llm_pb2.PREFILL_KIND_UNIT) for i in range(7)]
+        assert kv == [16, 24, 32, 40, 48, 56, 64] and sid in llm._rolling, "the roll started at 40 and is held"
+        over = asyncio.create_task(prefill("u7", llm_pb2.PREFILL_KIND_UNIT))  # 72 > 64 in the full KV
+        done, _ = await asyncio.wait({over}, timeout=1.0)  # before the fix it failed here at once
+        assert not done, f"the unit over the limit did not wait for the roll: {over.result()}"
+        gate.set()
+        # the roll (its log read once released) kept the system prompt and the latest unit, then u7 went in
+        assert await over == 8 + 8 + 8
+        assert [e.request_id for e in await llm.store.log(sid, "llm")] == ["system", "u6", "u7"]
+    finally:
+        gate.set()
+        llm.engine.stop()
+        await llm.store.aclose()
