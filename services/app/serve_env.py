@@ -27,8 +27,9 @@ cost 4.5 ms CPU per unit). What changes for the app:
   and the version on that record (`services.gateway.sessions`) makes a copy left on the old replica harmless.
 - the HTTP and gRPC ports, and each Gateway replica's direct-ingress ports (30000-31000 HTTP, 40000-41000 gRPC),
   listen on all interfaces: HAProxy on one node must reach replicas on others. Calls still need an API key.
-- a Gateway replica that dies under a call: the client gets UNAVAILABLE or INTERNAL from HAProxy, both of which
-  the SDK's `retryable` knows; HAProxy's health checks stop sending calls to the dead replica.
+- a Gateway replica that dies under a call: HAProxy resets the client's stream (CANCELLED, "Received
+  RST_STREAM"), which the SDK's `retryable` takes as a lost server; HAProxy's health checks stop sending calls to
+  the dead replica.
 """
 
 from __future__ import annotations
