@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import os
 
+from services.app.redis_server import free_port
+
 SERVE_ENV = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -49,11 +51,19 @@ SERVE_ENV = {
 LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
+# HAProxy's stats and Prometheus ports are fixed by default (8404, 9101): two local clusters on one machine (`make
+# run` beside `make test` or a benchmark) would fight for them, and the second HAProxy would not start.
+HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
 def use_local_cluster_env() -> None:
-    """Before `ray.init` of a local cluster: no auth (one user, loopback only), a short drain (`LOCAL_ENV`) and
-    `SERVE_ENV`, unless the caller's environment already says otherwise."""
+    """Before `ray.init` of a local cluster: no auth (one user, loopback only), a short drain (`LOCAL_ENV`), free
+    ports for HAProxy's side endpoints and `SERVE_ENV`, unless the caller's environment already says otherwise."""
     for key, value in {**LOCAL_ENV, **SERVE_ENV}.items():
         os.environ.setdefault(key, value)
+    for key in HAPROXY_SIDE_PORTS:
+        if key not in os.environ:
+            os.environ[key] = str(free_port())
 
 
 def haproxy_ingress() -> bool:
