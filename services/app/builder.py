@@ -24,6 +24,7 @@ from services.app.args import AppArgs
 from services.app.serve_env import haproxy_ingress
 from services.audio_encoder.deployment import AudioEncoder
 from services.gateway.deployment import Gateway
+from services.gateway.requests import Limits
 from services.llm_core.deployment import LLMCore
 from services.runtime.routing import affinity_router_config
 from services.tts_decoder.deployment import TTSDecoder, Vocoder
@@ -68,6 +69,12 @@ def deployment_options(name: str, args: AppArgs, device: str) -> tuple[dict[str,
     return options, spec.init_kwargs
 
 
+def llm_session_kwargs(limits: Limits) -> dict[str, int]:
+    """LLMCore's constructor arguments that the app's session limits set."""
+    return {"max_session_tokens": limits.max_session_tokens, "context_window_tokens": limits.context_window_tokens,
+            "context_keep_tokens": limits.context_keep_tokens}  # fmt: skip
+
+
 def build_app(args: AppArgs) -> serve.Application:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     device = args.device or default_device()
@@ -84,9 +91,7 @@ def build_app(args: AppArgs) -> serve.Application:
 
     vision = bind("VisionEncoder", model_dir, device)
     audio = bind("AudioEncoder", model_dir, device, redis_url, **session)
-    llm = bind("LLMCore", model_dir, device, redis_url, max_session_tokens=limits.max_session_tokens,
-               context_window_tokens=limits.context_window_tokens, context_keep_tokens=limits.context_keep_tokens,
-               **session)  # fmt: skip
+    llm = bind("LLMCore", model_dir, device, redis_url, **llm_session_kwargs(limits), **session)
     vocoder = bind("Vocoder", model_dir, device) if args.separate_vocoder else None
     tts = bind("TTSDecoder", model_dir, device, vocoder=vocoder)
     api_keys = args.api_keys or os.environ.get("MINICPMO_API_KEYS")

@@ -15,6 +15,14 @@ trimmed KV is built BESIDE the live one (under a temporary engine session, while
 into the live KV); then, under the session's lock, what arrived meanwhile is added to it too, the replay log in
 Redis is rewritten to exactly the trimmed content plus those entries, and the engine switches the session to the
 new KV. So the session never stalls for a rebuild, its KV stays bounded, and so does its log in Redis.
+
+Admission (`admission.py`; sessions are safe from each other): a session the replica takes on (new, moved here,
+or rebuilt) is promised its whole `max_session_tokens` of KV arena up front, and is taken on only if a roll's worth
+stays free besides. So another session's growth never makes its units fail, and some roll can always be built: a
+roll that finds no room waits for one in flight, which hands its room back when it switches. A session the arena
+cannot promise is refused at once (RESOURCE_EXHAUSTED, at CreateSession). Sessions with no work for
+`evict_idle_after_s` make room for a newcomer (they are rebuilt from their log when they come back). A one-shot
+chat is promised its prompt plus its longest answer.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ from ray import serve
 from protos.minicpmo.v1 import llm_pb2, replay_pb2, tensor_pb2
 from services.common.generation import SamplingParams
 from services.common.tensor_codec import from_proto, to_proto
+from services.llm_core.admission import AdmissionPolicy
 from services.llm_core.context_window import WindowPolicy, embeddings, retained
-from services.llm_core.engine import EXISTING, LLMEngine, SessionStateError
+from services.llm_core.engine import EXISTING, EngineFullError, LLMEngine, Reservation, SessionStateError
+from services.llm_core.engine.cuda_graphs import KERNEL_BLOCK
 from services.llm_core.model import load_llm_model
 from services.runtime import metrics
 from services.runtime.errors import InvalidArgument, Unavailable
@@ -80,6 +90,11 @@ def sampling_params(s: llm_pb2.SamplingParams) -> SamplingParams:
     )  # fmt: skip
 
 
+def _beside(session_id: str) -> str:
+    """The engine session a context roll of `session_id` is built in."""
+    return f"{session_id}#window"
+
+
 def _answer_events(answer: replay_pb2.LoggedAnswer, prompt_tokens: int) -> list[llm_pb2.GenerateEvent]:
     """The events of an answer already in the replay log (its `<|spk|>` hidden state is not kept)."""
     events = [llm_pb2.GenerateEvent(token_ids=[t]) for t in answer.streamed_ids] or [llm_pb2.GenerateEvent()]
@@ -105,17 +120,21 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         session_ttl_s: int = 600,
         context_window_tokens: int = 6144,
         context_keep_tokens: int = 3072,
+        evict_idle_after_s: float = 10.0,
     ):
         limit_threads()
+        self.window = WindowPolicy(context_window_tokens, context_keep_tokens)
+        self.admission = AdmissionPolicy(kv_budget_tokens, max_session_tokens, self.window, KERNEL_BLOCK)
         self.model = load_llm_model(model_dir, device=device, dtype=replica_dtype(device))
         self.max_session_tokens = max_session_tokens
         # stop ids come with each request; an evicted session has no state: its next request rebuilds it
         self.engine = LLMEngine(self.model, kv_budget_tokens, max_batch_tokens, stop_ids=(),
-                                max_session_tokens=max_session_tokens)  # fmt: skip
+                                max_session_tokens=max_session_tokens, evict_after_s=evict_idle_after_s)  # fmt: skip
         self.engine.start()
         store = OwnershipStore.from_url(redis_url, ttl_s=session_ttl_s, max_tokens=max_session_tokens) if redis_url else None
         super().__init__(store, replica_id())
-        self.window = WindowPolicy(context_window_tokens, context_keep_tokens)
+        log.info("LLMCore takes on %d live sessions of up to %d tokens (kv_budget_tokens %d)",
+                 self.admission.live_sessions, max_session_tokens, kv_budget_tokens)  # fmt: skip
         self._rolling: dict[str, asyncio.Task] = {}
         self._roll_again_at: dict[str, int] = {}  # KV length below which a roll that saved little is not retried
         self._built: set[str] = set()  # sessions whose KV this replica built: their requests need it to exist
@@ -165,7 +184,8 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         return llm_pb2.PrefillResponse(kv_len=kv_len)
 
     async def _prefill(self, sid: str, embeds: torch.Tensor) -> int:
-        kv_len = (await self.engine.prefill(sid, embeds, expected_kv_len=self._expected(sid))).kv_len
+        kv_len = (await self.engine.prefill(sid, embeds, expected_kv_len=self._expected(sid),
+                                            reservation=self.admission.live())).kv_len
         self._built.add(sid)
         return kv_len
 
@@ -196,8 +216,9 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         sid, rid = request.session_id, request.request_id
         if request.ephemeral:
             self.engine.drop(sid)
+            promise = self.admission.chat(embeds.shape[0], params.max_new_tokens)
             try:
-                async for msg in self._stream(sid, embeds, params, request):
+                async for msg in self._stream(sid, embeds, params, request, promise):
                     yield msg
             finally:
                 self.engine.drop(sid)
@@ -240,7 +261,7 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         generated: list[int] = []
         finish: list[llm_pb2.GenerateEvent] = []
         try:
-            async for msg in self._stream(sid, embeds, params, request, expected_kv_len=self._expected(sid)):
+            async for msg in self._stream(sid, embeds, params, request, self.admission.live(), self._expected(sid)):
                 generated += msg.token_ids
                 if msg.stop:
                     finish.append(msg)
@@ -252,12 +273,12 @@ class LLMCore(SessionStage, SessionAffinityReplica):
 
     async def _stream(
         self, sid: str, embeds: torch.Tensor, params: SamplingParams, request: llm_pb2.GenerateRequest,
-        expected_kv_len: int | None = None,
+        reservation: Reservation, expected_kv_len: int | None = None,
     ) -> AsyncIterator[llm_pb2.GenerateEvent]:
         spk = request.spk_position if request.spk_position >= 0 else None
         first = True
         async for ev in self.engine.generate(sid, embeds, params, spk_position=spk, stop_ids=request.stop_ids,
-                                             expected_kv_len=expected_kv_len):  # fmt: skip
+                                             expected_kv_len=expected_kv_len, reservation=reservation):  # fmt: skip
             msg = llm_pb2.GenerateEvent()
             if ev.token_id is not None:
                 msg.token_ids.append(ev.token_id)
@@ -306,7 +327,6 @@ class LLMCore(SessionStage, SessionAffinityReplica):
 
     async def _roll(self, sid: str) -> None:
         """Build the trimmed KV beside the live one, catch it up, rewrite the log, switch (module doc)."""
-        beside = f"{sid}#window"
         try:
             async with self.owned(sid) as fence:
                 entries = await self._store().log(sid, self.role)
@@ -317,23 +337,41 @@ class LLMCore(SessionStage, SessionAffinityReplica):
                 self._roll_again_at[sid] = self.window.window_tokens + kept
                 return
             with metrics.stage_timer("llm_roll"):
+                built = 0
                 for entry in keep:  # live units keep going into the session's own KV meanwhile
-                    await self.engine.prefill(beside, embeddings(entry, self.model.embed_tokens))
+                    built = await self._prefill_beside(sid, entry, built)
                 async with self.owned(sid) as now:
                     if now.epoch != fence.epoch:
                         return  # the session moved or was rebuilt meanwhile: nothing to switch
                     caught_up = (await self._store().log(sid, self.role))[len(entries):]
                     for entry in caught_up:
-                        await self.engine.prefill(beside, embeddings(entry, self.model.embed_tokens))
+                        built = await self._prefill_beside(sid, entry, built)
                     await self._store().rewrite(sid, now, keep + caught_up)
-                    self.engine.replace_session(sid, beside)
+                    self.engine.replace_session(sid, _beside(sid))
             metrics.CONTEXT_ROLLS.inc()
             self._roll_again_at.pop(sid, None)
         except Exception as e:  # the session goes on with its full KV; the next growth tries again
             log.warning("context roll of %s failed: %s", sid, e)
         finally:
-            self.engine.drop(beside)
+            self.engine.drop(_beside(sid))
             self._rolling.pop(sid, None)
+
+    async def _prefill_beside(self, sid: str, entry: replay_pb2.ReplayEntry, built: int) -> int:
+        """One entry into the roll's KV, which holds `built` rows (so an eviction of it fails the roll instead of
+        starting it over). The first entry is promised a roll's room; without room, the roll waits for a roll in
+        flight to switch (admission keeps one roll's room free: with none in flight, it fails, and the session's next
+        growth tries again)."""
+        rows = embeddings(entry, self.model.embed_tokens)
+        while True:
+            try:
+                result = await self.engine.prefill(_beside(sid), rows, expected_kv_len=built,
+                                                   reservation=self.admission.roll())  # fmt: skip
+                return result.kv_len
+            except EngineFullError:
+                building = [t for s, t in self._rolling.items() if s != sid and self.engine.has_session(_beside(s))]
+                if built or not building:
+                    raise
+                await asyncio.wait(building, return_when=asyncio.FIRST_COMPLETED)
 
     async def Interrupt(self, request: llm_pb2.SessionRef) -> llm_pb2.InterruptReply:
         return llm_pb2.InterruptReply(was_generating=self.engine.interrupt(request.session_id))

@@ -187,3 +187,21 @@ def test_multi_node_adds_up_per_8x80gb_node():
     media = [d["ray_actor_options"]["num_gpus"] for n, d in deployments.items()
              if n in ("VisionEncoder", "AudioEncoder", "TTSDecoder", "Vocoder")]
     assert sum(media) == 1.0  # one replica of each media stage shares one GPU
+
+
+# Live sessions each config's LLMCore replica must take on (admission promises each its whole session limit):
+# the headers' numbers; the one-GPU config carries the GPU benchmark's 64 sessions.
+LIVE_SESSIONS = {"local-cpu": 16, "single-gpu-node": 64, "multi-node": 97}
+
+
+def test_each_llm_replica_admits_the_live_sessions_its_header_promises(config_name):
+    from services.llm_core.admission import AdmissionPolicy
+    from services.llm_core.context_window import WindowPolicy
+    from services.llm_core.engine.cuda_graphs import KERNEL_BLOCK
+
+    args = AppArgs.model_validate(_app(_load(config_name))["args"])
+    limits = args.limits
+    kv_budget = args.deployment("LLMCore", args.device).init_kwargs["kv_budget_tokens"]
+    window = WindowPolicy(limits.context_window_tokens, limits.context_keep_tokens)
+    policy = AdmissionPolicy(kv_budget, limits.max_session_tokens, window, KERNEL_BLOCK)
+    assert policy.live_sessions == LIVE_SESSIONS[config_name]

@@ -234,6 +234,43 @@ def test_session_token_limit_is_refused_and_session_survives(served, client):
     client.close_session(other)
 
 
+def test_a_full_llm_replica_refuses_the_next_session_and_admits_it_once_one_closes(client):
+    """The stack's one LLMCore replica promises each live session its whole token limit, with a context roll's room
+    kept free (31 sessions of 2048 tokens in its 65536-token arena): the next CreateSession is refused with an
+    actionable RESOURCE_EXHAUSTED, the admitted sessions are untouched, and a closed session's room goes to a
+    newcomer."""
+    opened: list[str] = []
+    try:
+        refused = None
+        for _ in range(100):  # sessions other tests left open count too; long-idle ones make room (and are rebuilt)
+            try:
+                opened.append(client.create_session().session_id)
+            except grpc.RpcError as e:
+                refused = e
+                break
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        assert "KV arena full" in refused.details() and "kv_budget_tokens" in refused.details()
+        assert client.respond(opened[0], greedy(2)).final.usage.completion_tokens >= 1
+        client.close_session(opened.pop())
+        opened.append(created_once_room_is_free(client))
+    finally:
+        for sid in opened:
+            client.close_session(sid)
+    client.close_session(created_once_room_is_free(client))  # the next test finds the room free again
+
+
+def created_once_room_is_free(client, timeout_s: float = 30.0) -> str:
+    """A new session, retried while LLMCore is still full: the gateway drops closed sessions' KV in the
+    background."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.create_session().session_id
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+
+
 def in_process_live_greedy(model_dir: str, ref: np.ndarray, pcm: np.ndarray, frames: list[bytes], n: int) -> list[int]:
     """Upstream's streaming_prefill (system prompt with its voice, then 1 s units) + streaming_generate, greedy,
     run in this process with the components alone."""

@@ -312,3 +312,56 @@ async def test_a_unit_over_the_hard_limit_while_the_context_rolls_waits_for_the_
         gate.set()
         llm.engine.stop()
         await llm.store.aclose()
+
+
+async def test_sessions_are_admitted_with_room_to_roll_and_concurrent_rolls_take_turns(redis_url, tiny_checkpoint):  # noqa: F811
+    """An arena of 3 blocks (128 tokens each) holds 2 live sessions of at most 64 tokens and the room of one roll.
+    A third session is refused at once; the two sessions' rolls, due at the same time, take turns in the one roll's
+    room, and both sessions go on without an error (before admission, the second roll found the arena full and
+    failed, and the session's units then hit the hard limit)."""
+    from services.gateway.servicer import status_for
+    from services.llm_core.deployment import LLMCore
+
+    llm = LLMCore.func_or_class(str(tiny_checkpoint), "cpu", redis_url, kv_budget_tokens=3 * 128,
+                                max_session_tokens=64, context_window_tokens=40, context_keep_tokens=20)  # fmt: skip
+    records = SessionRecords.from_url(redis_url, ttl_s=30)
+    a, b, c = [(await records.create(key_hash("alice"), "omni", "en")).session_id for _ in range(3)]
+    gate = asyncio.Event()
+    roll = llm._roll
+
+    async def held_roll(session_id: str) -> None:  # both rolls start before either has built anything
+        await gate.wait()
+        await roll(session_id)
+
+    llm._roll = held_roll
+
+    async def prefill(sid: str, rid: str, kind: int = llm_pb2.PREFILL_KIND_UNIT) -> int:
+        request = llm_pb2.PrefillRequest(session_id=sid, request_id=rid, kind=kind,
+                                         input=llm_pb2.PrefillInput(input_ids=list(range(10, 18))))  # fmt: skip
+        return (await llm.Prefill(request)).kv_len
+
+    try:
+        assert llm.admission.live_sessions == 2
+        for sid in (a, b):
+            assert await prefill(sid, "system", llm_pb2.PREFILL_KIND_SYSTEM) == 8
+        with pytest.raises(Exception, match="KV arena full") as refused:
+            await prefill(c, "system", llm_pb2.PREFILL_KIND_SYSTEM)
+        assert status_for(refused.value)[0].name == "RESOURCE_EXHAUSTED"
+        for i in range(4):
+            assert [await prefill(sid, f"u{i}") for sid in (a, b)] == [16 + 8 * i] * 2
+        rolls = [llm._rolling[a], llm._rolling[b]]
+        gate.set()
+        await asyncio.gather(*rolls)
+        for sid in (a, b):  # each rolled: the system prompt and the latest unit
+            assert llm.engine.kv_len(sid) == 16, sid
+            assert [e.request_id for e in await llm.store.log(sid, "llm")] == ["system", "u3"]
+        for i in range(4, 12):  # and both roll again, as often as their units need, without an error
+            assert all(16 < kv <= 64 for kv in [await prefill(sid, f"u{i}") for sid in (a, b)])
+        await asyncio.gather(*llm._rolling.values())
+        await llm.Drop(llm_pb2.SessionRef(session_id=a))
+        assert await prefill(c, "system", llm_pb2.PREFILL_KIND_SYSTEM) == 8, "a closed session's room is free again"
+    finally:
+        gate.set()
+        llm.engine.stop()
+        await llm.store.aclose()
+        await records.aclose()

@@ -12,6 +12,7 @@ from services.llm_core.engine.kv_cache import (
     KVAllocator,
     KVArena,
     Move,
+    Reservation,
     Zero,
 )
 
@@ -139,16 +140,75 @@ def test_free_zeroes_the_run_and_lru_orders_by_last_use():
     assert not kv.has("b") and kv.free_blocks == 2
 
 
-def test_rename_hands_the_run_over_and_frees_the_old_one():
+def test_rename_copies_the_rows_into_the_targets_run_which_it_keeps():
+    """A context roll switching in: the live session keeps the run it was promised; the rebuilt rows are copied in."""
+    kv = KVAllocator(num_blocks=8, block_size=2)
+    arena = arena_for(kv)
+    kv.create("live", Reservation(8))
+    grow(kv, arena, "live", 7, 1.0)
+    kv.create("rebuilt")
+    grow(kv, arena, "rebuilt", 3, 2.0)
+    assert kv.run("live") == (0, 4) and kv.run("rebuilt") == (4, 2)
+    kv.rename("rebuilt", "live")
+    assert kv.sessions() == ["live"] and kv.run("live") == (0, 4) and kv.num_tokens("live") == 3
+    assert kv.pop_ops() == [Move(8, 0, 3), Zero(8, 4)]
+    arena.apply([Move(8, 0, 3), Zero(8, 4)])
+    k, v = arena.keys(0, 0, 3)
+    assert (k == 2.0).all() and (v == -2.0).all()
+    assert (arena.k[:, :, 8:] == 0).all(), "the rebuilt run is free again, and zero"
+
+
+def test_rename_into_a_run_too_small_hands_the_source_run_over():
     kv = KVAllocator(num_blocks=4, block_size=2)
-    for sid in ("live", "rebuilt"):
-        kv.create(sid)
-        kv.reserve(sid, 3)
-        kv.commit(sid, 3)
+    kv.create("live")
+    kv.reserve("live", 1)
+    kv.commit("live", 1)
+    kv.create("rebuilt")
+    kv.reserve("rebuilt", 3)
+    kv.commit("rebuilt", 3)
     kv.pop_ops()
     kv.rename("rebuilt", "live")
-    assert kv.sessions() == ["live"] and kv.run("live") == (2, 2) and kv.num_tokens("live") == 3
-    assert kv.pop_ops() == [Zero(0, 4)]
+    assert kv.sessions() == ["live"] and kv.run("live") == (1, 2) and kv.num_tokens("live") == 3
+    assert kv.pop_ops() == [Zero(0, 2)]
+
+
+def test_a_reservation_holds_its_run_from_creation_and_is_granted_only_with_its_headroom_free():
+    kv = KVAllocator(num_blocks=8, block_size=4)
+    live = Reservation(12, headroom=8)  # 3 blocks, and 2 must stay free
+    kv.create("a", live)
+    assert kv.run("a") == (0, 3) and kv.blocks_needed("a", 12) == 0 and kv.free_blocks == 5
+    kv.create("b", live)
+    assert kv.run("b") == (3, 3) and kv.free_blocks == 2
+    with pytest.raises(EngineFullError, match="promised 4 tokens and 8 more kept free"):
+        kv.create("c", Reservation(4, headroom=8))
+    assert not kv.has("c") and kv.free_blocks == 2
+    kv.create("roll", Reservation(8))  # the headroom is there for work without a headroom of its own
+    assert kv.run("roll") == (6, 2) and kv.free_blocks == 0
+    assert kv.pop_ops() == []
+
+
+def test_a_reservation_over_scattered_free_blocks_compacts_the_arena():
+    kv = KVAllocator(num_blocks=6, block_size=2)
+    for sid in ("a", "b", "c", "d"):
+        kv.create(sid, Reservation(2))
+        kv.commit(sid, 1)
+    kv.free("b")  # free blocks: 1, 4, 5
+    kv.pop_ops()
+    kv.create("x", Reservation(6))
+    assert [kv.run(sid) for sid in ("a", "c", "d", "x")] == [(0, 1), (1, 1), (2, 1), (3, 3)]
+    # c and d slide down; d's old block (now x's) and the moved runs past their rows are zeroed
+    assert kv.pop_ops() == [Move(4, 2, 1), Move(6, 4, 1), Zero(6, 2), Zero(3, 1), Zero(5, 1)]
+
+
+def test_idle_time_is_measured_from_the_last_scheduled_work():
+    now = [100.0]
+    kv = KVAllocator(num_blocks=4, block_size=2, seconds=lambda: now[0])
+    kv.create("a")
+    now[0] = 103.0
+    assert kv.idle_s("a") == 3.0
+    kv.reserve("a", 1)
+    now[0] = 104.5
+    assert kv.idle_s("a") == 1.5
 
 
 def test_bad_arena_sizes_are_rejected():

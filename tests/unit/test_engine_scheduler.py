@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.llm_core.engine.kv_cache import EngineFullError, KVAllocator
+from services.llm_core.engine.kv_cache import EngineFullError, KVAllocator, Reservation
 from services.llm_core.engine.scheduler import (
     EXISTING,
     ContextLengthError,
@@ -134,6 +134,26 @@ def test_without_eviction_a_full_pool_refuses_new_work():
     ((_, err),) = s.schedule().failed
     assert isinstance(err, EngineFullError)
     assert s.kv.num_tokens("a") == 8 and s.evictions == 0
+
+
+def test_a_new_session_is_admitted_only_with_its_reservation_and_evicts_only_long_idle_sessions():
+    now = [0.0]
+    s = Scheduler(KVAllocator(8, 4, seconds=lambda: now[0]), 64, 1000, evict_idle=True, evict_after_s=10.0)
+    live = Reservation(12, headroom=8)
+    for sid in ("a", "b"):
+        r = s.add(sid, 4, decode=False, reservation=live)
+        run_step(s)
+        s.finish(r)
+    assert s.kv.run("a") == (0, 3) and s.kv.run("b") == (3, 3)
+    now[0] = 5.0
+    s.add("c", 4, decode=False, reservation=live)
+    ((_, err),) = s.schedule().failed
+    assert isinstance(err, EngineFullError) and not s.kv.has("c")
+    assert s.evictions == 0, "sessions idle for less than evict_after_s are likely live: the newcomer waits"
+    now[0] = 11.0
+    s.add("c", 4, decode=False, reservation=live)
+    batch = run_step(s)
+    assert batch.evicted == ["a"] and s.kv.has("b") and s.kv.num_tokens("c") == 4
 
 
 def test_drop_returns_pending_requests_and_frees_kv():

@@ -12,7 +12,7 @@ from services.llm_core.engine.engine import (
     SessionBusyError,
     SessionDroppedError,
 )
-from services.llm_core.engine.kv_cache import EngineFullError
+from services.llm_core.engine.kv_cache import EngineFullError, Reservation
 from services.llm_core.engine.scheduler import EXISTING, ContextLengthError, SessionStateError
 from services.llm_core.sampling import NonFiniteScoresError
 
@@ -26,6 +26,7 @@ __all__ = [
     "NonFiniteScoresError",
     "NumericsCheckError",
     "PrefillResult",
+    "Reservation",
     "SessionBusyError",
     "SessionDroppedError",
     "SessionStateError",

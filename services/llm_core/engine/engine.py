@@ -41,7 +41,7 @@ import torch
 from services.common.generation import SamplingParams
 from services.llm_core.engine.attention import SeqSpan
 from services.llm_core.engine.cuda_graphs import KERNEL_BLOCK
-from services.llm_core.engine.kv_cache import KVAllocator, KVArena
+from services.llm_core.engine.kv_cache import NO_RESERVATION, KVAllocator, KVArena, Reservation
 from services.llm_core.engine.runner import ForwardBatch, ModelRunner
 from services.llm_core.engine.scheduler import PrefillChunk, Request, ScheduledBatch, Scheduler, SessionStateError
 from services.llm_core.model import LLMModel
@@ -123,13 +123,15 @@ class LLMEngine:
         block_size: int = KERNEL_BLOCK,
         max_session_tokens: int | None = None,
         evict_idle: bool = True,
+        evict_after_s: float = 0.0,
         on_evict: Callable[[str], None] | None = None,
         cuda_graph_max_rows: int = 64,
     ):
         """`kv_budget_tokens`: size of the KV arena (rounded up to whole blocks of `block_size` tokens; on CUDA
         `block_size` must be a multiple of the flex kernel's block, 128). `stop_ids`: the default stop ids of
-        answers. `cuda_graph_max_rows`: decode steps of up to this many sessions replay CUDA graphs (CUDA only;
-        0 = always eager)."""
+        answers. `evict_idle`, `evict_after_s`: when the arena is full, evict sessions that have had no work for that
+        long (they are rebuilt from their replay log). `cuda_graph_max_rows`: decode steps of up to this many
+        sessions replay CUDA graphs (CUDA only; 0 = always eager)."""
         cfg = model.cfg
         self.model = model
         self.device = model.device_
@@ -144,7 +146,7 @@ class LLMEngine:
             cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, model.dtype,
             self.device,
         )  # fmt: skip
-        self.scheduler = Scheduler(self.kv, max_batch_tokens, max_session_tokens, evict_idle=evict_idle)
+        self.scheduler = Scheduler(self.kv, max_batch_tokens, max_session_tokens, evict_idle, evict_after_s)
         self.runner = ModelRunner(model, self.arena, cuda_graph_max_rows)
         self.on_evict = on_evict
         self._forward_lock = threading.Lock()  # one forward at a time: engine steps and the numerics canary
@@ -180,12 +182,19 @@ class LLMEngine:
     # --- public API -------------------------------------------------------------------------------------------
 
     async def prefill(
-        self, session_id: str, inputs_embeds: torch.Tensor, *, expected_kv_len: int | None = None
+        self,
+        session_id: str,
+        inputs_embeds: torch.Tensor,
+        *,
+        expected_kv_len: int | None = None,
+        reservation: Reservation = NO_RESERVATION,
     ) -> PrefillResult:
         """Append `inputs_embeds` (T, D) to the session's KV (creating the session if new).
 
         `expected_kv_len`: the KV length the caller believes the session has (0 = new session); a mismatch
         (evicted, dropped, replica replaced) raises `SessionStateError` so the caller can rebuild first.
+        `reservation`: what the session is promised if this request creates it (`EngineFullError` if the arena
+        cannot promise it).
         """
         embeds = self._check_embeds(inputs_embeds)
         loop = asyncio.get_running_loop()
@@ -195,7 +204,8 @@ class LLMEngine:
             if not fut.done():
                 fut.set_exception(item) if isinstance(item, BaseException) else fut.set_result(item)
 
-        self._submit(session_id, embeds, False, _Prefill(embeds, _threadsafe_sink(loop, put)), expected_kv_len)
+        self._submit(session_id, embeds, False, _Prefill(embeds, _threadsafe_sink(loop, put)), expected_kv_len,
+                     reservation)  # fmt: skip
         return await fut
 
     async def generate(
@@ -207,13 +217,14 @@ class LLMEngine:
         *,
         expected_kv_len: int | None = None,
         stop_ids: Sequence[int] | None = None,
+        reservation: Reservation = NO_RESERVATION,
     ) -> AsyncIterator[GenEvent]:
         """Prefill the assistant prefix `inputs_embeds` (T, D), then yield the answer's tokens one by one.
 
         The first event carries the last-layer hidden state at row `spk_position` of the prefix (`<|spk|>`).
         The last event has a `finish_reason`. Leaving the iteration early interrupts the answer. `stop_ids`: this
         answer's stop ids (default: the engine's). A row whose logits come out non-finite ends the stream with
-        `NonFiniteScoresError`.
+        `NonFiniteScoresError`. `reservation`: as for `prefill`.
         """
         embeds = self._check_embeds(inputs_embeds)
         if spk_position is not None and not 0 <= spk_position < embeds.shape[0]:
@@ -228,7 +239,7 @@ class LLMEngine:
             spk_position=spk_position,
             deliver=_threadsafe_sink(loop, queue.put_nowait),
         )
-        req = self._submit(session_id, embeds, True, work, expected_kv_len)
+        req = self._submit(session_id, embeds, True, work, expected_kv_len, reservation)
         finished = False
         try:
             while True:
@@ -276,8 +287,8 @@ class LLMEngine:
             return self.kv.num_tokens(session_id) if self.kv.has(session_id) else None
 
     def replace_session(self, target_id: str, source_id: str) -> int:
-        """Make `source_id`'s KV the KV of `target_id`, atomically; target's old KV (if any) is freed and
-        `source_id` is gone. For switching to a context rebuilt or trimmed beside the live one. Both sessions must
+        """Make `source_id`'s KV the KV of `target_id`, atomically; target's old KV (if any) is gone (its run stays
+        target's when it can hold the new rows, `KVAllocator.rename`), and so is `source_id`. For switching to a context rebuilt or trimmed beside the live one. Both sessions must
         be idle (no queued or running request: `SessionBusyError`); returns target's KV length now.
         """
         with self._cv:
@@ -344,12 +355,18 @@ class LLMEngine:
         return torch.cat([prompt, decode]).cpu()
 
     def _submit(
-        self, session_id: str, embeds: torch.Tensor, decode: bool, work: Any, expected_kv_len: int | None
+        self,
+        session_id: str,
+        embeds: torch.Tensor,
+        decode: bool,
+        work: Any,
+        expected_kv_len: int | None,
+        reservation: Reservation,
     ) -> Request:
         if self._thread is None:
             raise RuntimeError("LLMEngine.start() was not called")
         with self._cv:
-            req = self.scheduler.add(session_id, embeds.shape[0], decode, work, expected_kv_len)
+            req = self.scheduler.add(session_id, embeds.shape[0], decode, work, expected_kv_len, reservation)
             self._cv.notify()
         return req
 

@@ -3,14 +3,18 @@
 Why contiguous runs: attention reads a session's keys in place, as a view `k[layer, :, start : start + len]`, so
 a decode step costs what its own keys cost, with no copy. (The block pool this replaces gathered every decode
 session's KV into a padded tensor per layer per step: 2.0 s steps at 4096 tokens of context against 0.18 s at
-256, 16 sessions, small config.) Fixed slots sized for the longest session would be contiguous too, but a 65536-token
-budget would then hold 8 sessions of 8192 even while they are short chats; a run grows with its session instead:
-- a new session gets the blocks its first rows need;
+256, 16 sessions, small config.) Fixed slots sized for the longest session would be contiguous too, but would hold
+every session at that size, short chats included; a run is sized per session instead:
+- a new session gets the blocks its `Reservation` promises (LLMCore promises a live session its whole token limit,
+  so it never moves and its growth never fails; a chat its prompt and longest answer), or the blocks its first
+  rows need;
 - growing, it extends in place when the blocks right after it are free; else it moves (one copy of its rows) to a
   free run of twice its size, so a session of n rows has been copied O(n) rows in all (in a crowded arena, with
   less than a quarter free, to a run of just the size it needs); else, when the free blocks are enough but
   scattered, the arena is compacted (runs slide down in order, one copy each; rare);
-- with too few free blocks the scheduler evicts idle sessions (LRU) or fails the request (`EngineFullError`).
+- with too few free blocks the scheduler evicts idle sessions (LRU) or fails the request (`EngineFullError`);
+- a session's KV rebuilt beside it (a context roll) replaces it by a copy of its rows into the session's own run, so
+  the session keeps what it was promised.
 
 `KVAllocator` is the bookkeeping (pure Python: runs, committed lengths, LRU clock); it records the copies and
 zeroings it decides as `Move`/`Zero` ops, which `KVArena` (the tensors) applies on the engine thread before the
@@ -21,11 +25,13 @@ Isolation: attention reads only a session's own committed rows. A kernel that re
 kernel multiplies a masked position's value by 0, which NaN survives) must also never find another session's rows
 in a block it reads: runs are block-aligned, free blocks are zero (freed and vacated blocks are zeroed, and so is
 the part of a run past its rows when compaction slides it over old rows), so past its own length a session's
-blocks hold zeros or rows of its own that a discarded step wrote.
+blocks hold zeros or rows of its own (a discarded step's, or its KV before a context roll replaced it).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,18 +59,38 @@ class Zero:
 KVOp = Move | Zero
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """What a new session is promised: `tokens` rows held for it from its creation (its growth up to them never
+    waits for, or fails on, anyone else's), granted only if `headroom` more rows stay free after it (room kept for
+    work that has no promise of its own, such as building a context roll beside a session)."""
+
+    tokens: int = 0
+    headroom: int = 0
+
+
+NO_RESERVATION = Reservation()
+
+
 @dataclass
 class SessionKV:
     start: int = 0  # first block of the run
     blocks: int = 0  # blocks held
     num_tokens: int = 0  # committed KV rows
     last_used: int = 0  # LRU clock value of the last time work was scheduled for the session
+    last_used_s: float = 0.0  # the allocator's clock (seconds) at that time
 
 
 class KVAllocator:
     """Which run of arena blocks belongs to which session, and how many of its rows are valid."""
 
-    def __init__(self, num_blocks: int, block_size: int, max_session_tokens: int | None = None):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_session_tokens: int | None = None,
+        seconds: Callable[[], float] = time.monotonic,
+    ):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"KV arena needs num_blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -73,6 +99,7 @@ class KVAllocator:
         self._sessions: dict[str, SessionKV] = {}
         self._ops: list[KVOp] = []
         self._clock = 0
+        self._seconds = seconds
         self.moves = 0  # sessions moved (relocations and compaction slides)
 
     # --- queries ----------------------------------------------------------------------------------------------
@@ -108,13 +135,17 @@ class KVAllocator:
         return s.start, s.blocks
 
     def blocks_needed(self, session_id: str, n_new: int) -> int:
-        """Free blocks the session must gain to hold `n_new` more rows (0 for a new session id too)."""
+        """Free blocks the session must gain to hold `n_new` more rows (an unknown session id counts as empty)."""
         s = self._sessions.get(session_id)
         return max(0, self._blocks_for((s.num_tokens if s else 0) + n_new) - (s.blocks if s else 0))
 
     def lru_order(self) -> list[str]:
         """Session ids, least recently used first."""
         return sorted(self._sessions, key=lambda sid: self._sessions[sid].last_used)
+
+    def idle_s(self, session_id: str) -> float:
+        """Seconds since work was last scheduled for the session."""
+        return self._seconds() - self._sessions[session_id].last_used_s
 
     def pop_ops(self) -> list[KVOp]:
         """The copies and zeroings decided since the last call, in the order they must be applied."""
@@ -123,10 +154,27 @@ class KVAllocator:
 
     # --- changes ----------------------------------------------------------------------------------------------
 
-    def create(self, session_id: str) -> None:
+    def create(self, session_id: str, reservation: Reservation = NO_RESERVATION) -> None:
+        """A new session, holding the run its reservation promises (all-or-nothing)."""
         if session_id in self._sessions:
             raise ValueError(f"session {session_id!r} already has KV")
-        self._sessions[session_id] = SessionKV(last_used=self._tick())
+        blocks = self._blocks_for(reservation.tokens)
+        free = self.free_blocks
+        if blocks + self._blocks_for(reservation.headroom) > free:
+            kept = f" and {reservation.headroom} more kept free (room for context rolls)" if reservation.headroom else ""
+            raise EngineFullError(
+                f"KV arena full: a new session is promised {reservation.tokens} tokens{kept}; {free * self.block_size} "
+                f"of {self.capacity_tokens} tokens are free, the rest held by {len(self._sessions)} sessions. Retry "
+                f"later or on another replica; more sessions per replica need a larger kv_budget_tokens"
+            )
+        s = self._sessions[session_id] = SessionKV(last_used=self._tick(), last_used_s=self._seconds())
+        if blocks:
+            start = self._find_run(blocks)
+            if start is None:
+                self._compact(s, blocks)  # enough free blocks, but scattered: the new run goes after all others
+            else:
+                s.start = start
+            s.blocks = blocks
 
     def reserve(self, session_id: str, n_new: int) -> None:
         """Make room for `n_new` more rows of an existing session; all-or-nothing."""
@@ -138,7 +186,7 @@ class KVAllocator:
                 f"KV arena full: session {session_id!r} needs {grow} more blocks of {self.block_size} tokens, "
                 f"{free} of {self.num_blocks} free"
             )
-        s.last_used = self._tick()
+        self.touch(session_id)
         if grow == 0:
             return
         need = s.blocks + grow
@@ -164,7 +212,8 @@ class KVAllocator:
         s.num_tokens += n
 
     def touch(self, session_id: str) -> None:
-        self._sessions[session_id].last_used = self._tick()
+        s = self._sessions[session_id]
+        s.last_used, s.last_used_s = self._tick(), self._seconds()
 
     def free(self, session_id: str) -> int:
         """Give a session's run back (zeroed); returns its block count. Unknown ids are a no-op."""
@@ -175,10 +224,21 @@ class KVAllocator:
         return s.blocks
 
     def rename(self, source_id: str, target_id: str) -> None:
-        """`source_id`'s KV becomes `target_id`'s (whose own KV, if any, is freed); no rows move."""
+        """`source_id`'s rows become `target_id`'s KV, and `source_id` is gone. A target whose run can hold them
+        keeps its run, and so what it was promised: the rows are copied in (one copy of the rows, far less than the
+        forward that built them). Otherwise the target's run is freed and it takes the source's run."""
         s = self._sessions.pop(source_id)
-        self.free(target_id)
-        self._sessions[target_id] = s
+        t = self._sessions.get(target_id)
+        if t is None or t.blocks * self.block_size < s.num_tokens:
+            self.free(target_id)
+            self._sessions[target_id] = s
+            return
+        if s.num_tokens:  # two runs never overlap; rows of t past its new length are its own old rows
+            self._ops.append(Move(s.start * self.block_size, t.start * self.block_size, s.num_tokens))
+            self.moves += 1
+        self._zero_blocks(s.start, s.blocks)
+        t.num_tokens = s.num_tokens
+        self.touch(target_id)
 
     # --- internals --------------------------------------------------------------------------------------------
 

@@ -7,9 +7,11 @@ then fills the rest of `max_batch_tokens` with prefill chunks in arrival order (
 is split across steps so it never stalls the decoders for long).
 
 KV is reserved here, before the forward pass (the allocator may decide to move a growing session's run; the engine
-applies those copies before the forward), and committed by the engine after it. When the arena is full, idle
-sessions (no queued work) are evicted least-recently-used first if `evict_idle`; the caller rebuilds them from
-their replay log. If there is still no room, the request fails with `EngineFullError`.
+applies those copies before the forward), and committed by the engine after it. A request that creates its session
+brings the session's `Reservation` (admission: the run it is promised, and the headroom that must stay free). When
+the arena is full, idle sessions (no queued work, none scheduled for `evict_after_s`) are evicted least-recently-used
+first if `evict_idle`; the caller rebuilds them from their replay log. If there is still no room, the request fails
+with `EngineFullError`.
 
 Pure bookkeeping (no tensors): the request payload is opaque here.
 """
@@ -21,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.llm_core.engine.kv_cache import EngineFullError, KVAllocator
+from services.llm_core.engine.kv_cache import NO_RESERVATION, EngineFullError, KVAllocator, Reservation
 from services.runtime.errors import FailedPrecondition, ResourceExhausted
 
 
@@ -50,6 +52,7 @@ class Request:
     seq: int  # arrival order
     expected_kv_len: int | None = None  # checked when the request starts; 0 = a new session, EXISTING = any KV
     payload: Any = None
+    reservation: Reservation = NO_RESERVATION  # the session's, if this request creates it
     prefilled: int = 0
     started: bool = False
     stopping: bool = False  # interrupted while prefilling: finish as soon as the prompt is in
@@ -94,6 +97,7 @@ class Scheduler:
         max_batch_tokens: int,
         max_session_tokens: int,
         evict_idle: bool = True,
+        evict_after_s: float = 0.0,
     ):
         if max_batch_tokens <= 0:
             raise ValueError(f"max_batch_tokens must be > 0, got {max_batch_tokens}")
@@ -101,6 +105,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_session_tokens = max_session_tokens
         self.evict_idle = evict_idle
+        self.evict_after_s = evict_after_s  # a session used more recently is not evicted: it is likely live
         self._queues: dict[str, deque[Request]] = {}
         self._seq = itertools.count()
         self.evictions = 0
@@ -108,13 +113,19 @@ class Scheduler:
     # --- requests ---------------------------------------------------------------------------------------------
 
     def add(
-        self, session_id: str, prompt_len: int, decode: bool, payload: Any = None, expected_kv_len: int | None = None
+        self,
+        session_id: str,
+        prompt_len: int,
+        decode: bool,
+        payload: Any = None,
+        expected_kv_len: int | None = None,
+        reservation: Reservation = NO_RESERVATION,
     ) -> Request:
         if prompt_len <= 0 and not decode:
             raise ValueError("a prefill needs at least one input row")
         if prompt_len <= 0 and decode:
             raise ValueError("generate needs at least one row of assistant prefix to predict from")
-        req = Request(session_id, prompt_len, decode, next(self._seq), expected_kv_len, payload)
+        req = Request(session_id, prompt_len, decode, next(self._seq), expected_kv_len, payload, reservation)
         self._queues.setdefault(session_id, deque()).append(req)
         return req
 
@@ -185,28 +196,24 @@ class Scheduler:
                 f"session {sid!r} would hold {(have or 0) + r.prompt_len} tokens, over the limit of "
                 f"{self.max_session_tokens}; start a new session"
             )
+        if error is None and have is None:
+            wanted = r.reservation
+            self._evict_for(self.kv.blocks_needed(sid, wanted.tokens) + self.kv.blocks_needed(sid, wanted.headroom),
+                            sid, batch)  # fmt: skip
+            try:
+                self.kv.create(sid, wanted)
+            except EngineFullError as e:
+                error = e
         if error is not None:
             batch.failed.append((r, error))
             self.finish(r)
             return False
-        if have is None:
-            self.kv.create(sid)
         r.started = True
         return True
 
     def _reserve(self, r: Request, n: int, batch: ScheduledBatch) -> bool:
         sid = r.session_id
-        need = self.kv.blocks_needed(sid, n)
-        if need > self.kv.free_blocks and self.evict_idle:
-            # a session whose work just failed this step is idle now, but evicting it would only add churn
-            failed_now = {f.session_id for f, _ in batch.failed}
-            for victim in self.kv.lru_order():
-                if self.kv.free_blocks >= need:
-                    break
-                if victim != sid and self.is_idle(victim) and victim not in failed_now:
-                    self.kv.free(victim)
-                    self.evictions += 1
-                    batch.evicted.append(victim)
+        self._evict_for(self.kv.blocks_needed(sid, n), sid, batch)
         try:
             self.kv.reserve(sid, n)
         except EngineFullError as e:
@@ -214,6 +221,21 @@ class Scheduler:
             self.finish(r)
             return False
         return True
+
+    def _evict_for(self, blocks: int, sid: str, batch: ScheduledBatch) -> None:
+        """Evict idle sessions, least recently used first, until `blocks` blocks are free (if `evict_idle`)."""
+        if blocks <= self.kv.free_blocks or not self.evict_idle:
+            return
+        # a session whose work just failed this step is idle now, but evicting it would only add churn
+        failed_now = {f.session_id for f, _ in batch.failed}
+        for victim in self.kv.lru_order():
+            if self.kv.free_blocks >= blocks:
+                break
+            if (victim != sid and self.is_idle(victim) and victim not in failed_now
+                    and self.kv.idle_s(victim) >= self.evict_after_s):  # fmt: skip
+                self.kv.free(victim)
+                self.evictions += 1
+                batch.evicted.append(victim)
 
     # --- after the forward ------------------------------------------------------------------------------------
 
