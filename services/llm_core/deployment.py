@@ -20,9 +20,9 @@ Admission (`admission.py`; sessions are safe from each other): a session the rep
 or rebuilt) is promised its whole `max_session_tokens` of KV arena up front, and is taken on only if a roll's worth
 stays free besides. So another session's growth never makes its units fail, and some roll can always be built: a
 roll that finds no room waits for one in flight, which hands its room back when it switches. A session the arena
-cannot promise is refused at once (RESOURCE_EXHAUSTED, at CreateSession). Sessions with no work for
-`evict_idle_after_s` make room for a newcomer (they are rebuilt from their log when they come back). A one-shot
-chat is promised its prompt plus its longest answer.
+cannot promise is refused at once (RESOURCE_EXHAUSTED, at CreateSession). A session keeps its room until it closes
+or expires (`session_ttl_s` without a call): one that only paused (its units parked behind its roll, or its user
+silent) must not lose its place to a newcomer. A one-shot chat is promised its prompt plus its longest answer.
 """
 
 from __future__ import annotations
@@ -120,16 +120,16 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         session_ttl_s: int = 600,
         context_window_tokens: int = 6144,
         context_keep_tokens: int = 3072,
-        evict_idle_after_s: float = 10.0,
     ):
         limit_threads()
         self.window = WindowPolicy(context_window_tokens, context_keep_tokens)
         self.admission = AdmissionPolicy(kv_budget_tokens, max_session_tokens, self.window, KERNEL_BLOCK)
         self.model = load_llm_model(model_dir, device=device, dtype=replica_dtype(device))
         self.max_session_tokens = max_session_tokens
-        # stop ids come with each request; an evicted session has no state: its next request rebuilds it
+        # stop ids come with each request; only a session idle past its TTL (expired: the sweep drops it too) is
+        # evicted for room, and an evicted session has no state: its next request rebuilds it
         self.engine = LLMEngine(self.model, kv_budget_tokens, max_batch_tokens, stop_ids=(),
-                                max_session_tokens=max_session_tokens, evict_after_s=evict_idle_after_s)  # fmt: skip
+                                max_session_tokens=max_session_tokens, evict_after_s=session_ttl_s)  # fmt: skip
         self.engine.start()
         store = OwnershipStore.from_url(redis_url, ttl_s=session_ttl_s, max_tokens=max_session_tokens) if redis_url else None
         super().__init__(store, replica_id())
@@ -146,6 +146,7 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         metrics.KV_TOKENS.set(stats["kv_tokens_used"])
         metrics.KV_SESSIONS.set(stats["sessions"])
         metrics.KV_FREE_TOKENS.set(stats["kv_tokens_free"])
+        metrics.LIVE_SESSION_CAPACITY.set(self.admission.live_sessions)
 
     def _start_reporting(self) -> None:
         if self._reporter is None:

@@ -41,6 +41,11 @@ KV_FREE_TOKENS = Gauge(
     "minicpmo_kv_free_tokens",
     description="Tokens of KV capacity an LLMCore replica has left.",
 )
+LIVE_SESSION_CAPACITY = Gauge(
+    "minicpmo_live_session_capacity",
+    description="Live sessions an LLMCore replica admits: its KV arena holds each at its token limit, with a "
+    "context roll's room to spare (one more is refused RESOURCE_EXHAUSTED).",
+)
 TTFT = Histogram(
     "minicpmo_time_to_first_token_s",
     description="Seconds from request arrival at the gateway to the first answer token.",

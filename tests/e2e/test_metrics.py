@@ -51,6 +51,7 @@ def test_prometheus_series(served, client):
                    and total(s, "ray_minicpmo_stage_queue_depth", stage="llm") == 0)  # fmt: skip
     assert total(series, "ray_minicpmo_kv_tokens") > 0
     assert total(series, "ray_minicpmo_kv_free_tokens") > 0
+    assert total(series, "ray_minicpmo_live_session_capacity") == 31  # the stack's 65536 tokens / 2048 a session
     assert "ray_minicpmo_stage_queue_depth" in series  # reported while idle too
     assert total(series, "ray_minicpmo_stage_queue_depth", stage="llm") == 0
     assert total(series, "ray_minicpmo_requests_total", rpc="Respond") >= 1
