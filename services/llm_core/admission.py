@@ -2,7 +2,7 @@
 
 A live session may grow to `max_session_tokens`, and while its context rolls (`context_window.py`) a second KV is
 built beside it, holding what the roll keeps plus what arrives before the switch. A replica that promises every
-session its whole limit, and takes a session on only while one roll's worth stays free besides, never fails a
+session its whole limit, and takes a session on only while one roll's worth of it stays unpromised, never fails a
 session's unit because another session grew, and can always build some roll (the live KV stops at the limit and
 waits for it). The price is density: `live_sessions` of them per arena, however short they are for now. Pure
 arithmetic on the deployment's settings; the engine's `Reservation` enforces it.

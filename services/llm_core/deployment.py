@@ -18,7 +18,7 @@ new KV. So the session never stalls for a rebuild, its KV stays bounded, and so 
 
 Admission (`admission.py`; sessions are safe from each other): a session the replica takes on (new, moved here,
 or rebuilt) is promised its whole `max_session_tokens` of KV arena up front, and is taken on only if a roll's worth
-stays free besides. So another session's growth never makes its units fail, and some roll can always be built: a
+stays unpromised. So another session's growth never makes its units fail, and some roll can always be built: a
 roll that finds no room waits for one in flight, which hands its room back when it switches. A session the arena
 cannot promise is refused at once (RESOURCE_EXHAUSTED, at CreateSession). A session keeps its room until it closes
 or expires (`session_ttl_s` without a call): one that only paused (its units parked behind its roll, or its user

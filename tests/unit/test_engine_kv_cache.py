@@ -187,6 +187,20 @@ def test_a_reservation_holds_its_run_from_creation_and_is_granted_only_with_its_
     assert kv.pop_ops() == []
 
 
+def test_admission_counts_promises_so_a_roll_holding_the_headroom_does_not_refuse_a_session_that_fits():
+    kv = KVAllocator(num_blocks=8, block_size=4)
+    live = Reservation(12, headroom=8)
+    kv.create("a", live)
+    kv.create("a#roll", Reservation(8))  # a roll in flight holds the headroom
+    assert kv.free_blocks == 3
+    kv.create("b", live)  # 6 of 8 blocks promised, 2 unpromised: admitted
+    assert kv.run("b") == (5, 3) and kv.free_blocks == 0
+    kv.free("a#roll")
+    assert not kv.can_create(Reservation(4, headroom=8)), "one more would leave less than the headroom unpromised"
+    with pytest.raises(EngineFullError, match="24 of 32 tokens are promised to 2 sessions, 8 free now"):
+        kv.create("c", Reservation(4, headroom=8))
+
+
 def test_a_reservation_over_scattered_free_blocks_compacts_the_arena():
     kv = KVAllocator(num_blocks=6, block_size=2)
     for sid in ("a", "b", "c", "d"):

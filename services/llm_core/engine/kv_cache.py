@@ -62,8 +62,9 @@ KVOp = Move | Zero
 @dataclass(frozen=True)
 class Reservation:
     """What a new session is promised: `tokens` rows held for it from its creation (its growth up to them never
-    waits for, or fails on, anyone else's), granted only if `headroom` more rows stay free after it (room kept for
-    work that has no promise of its own, such as building a context roll beside a session)."""
+    waits for, or fails on, anyone else's). With a `headroom`, the session is admitted only if the runs promised to
+    every session admitted so (itself included) leave `headroom` rows of the arena unpromised: room kept for work
+    without such a promise, such as building a context roll beside a session, which may hold it meanwhile."""
 
     tokens: int = 0
     headroom: int = 0
@@ -79,6 +80,7 @@ class SessionKV:
     num_tokens: int = 0  # committed KV rows
     last_used: int = 0  # LRU clock value of the last time work was scheduled for the session
     last_used_s: float = 0.0  # the allocator's clock (seconds) at that time
+    admitted: bool = False  # created with a headroom: its run counts as promised
 
 
 class KVAllocator:
@@ -154,20 +156,28 @@ class KVAllocator:
 
     # --- changes ----------------------------------------------------------------------------------------------
 
+    def can_create(self, reservation: Reservation) -> bool:
+        """The arena can promise a new session this reservation now (see `Reservation`)."""
+        blocks = self._blocks_for(reservation.tokens)
+        promised = self._promised_blocks() + blocks + self._blocks_for(reservation.headroom)
+        return blocks <= self.free_blocks and (not reservation.headroom or promised <= self.num_blocks)
+
     def create(self, session_id: str, reservation: Reservation = NO_RESERVATION) -> None:
         """A new session, holding the run its reservation promises (all-or-nothing)."""
         if session_id in self._sessions:
             raise ValueError(f"session {session_id!r} already has KV")
-        blocks = self._blocks_for(reservation.tokens)
-        free = self.free_blocks
-        if blocks + self._blocks_for(reservation.headroom) > free:
+        if not self.can_create(reservation):
             kept = f" and {reservation.headroom} more kept free (room for context rolls)" if reservation.headroom else ""
+            admitted = sum(s.admitted for s in self._sessions.values())
             raise EngineFullError(
-                f"KV arena full: a new session is promised {reservation.tokens} tokens{kept}; {free * self.block_size} "
-                f"of {self.capacity_tokens} tokens are free, the rest held by {len(self._sessions)} sessions. Retry "
-                f"later or on another replica; more sessions per replica need a larger kv_budget_tokens"
+                f"KV arena full: a new session is promised {reservation.tokens} tokens{kept}; "
+                f"{self._promised_blocks() * self.block_size} of {self.capacity_tokens} tokens are promised to "
+                f"{admitted} sessions, {self.free_blocks * self.block_size} free now. Retry later or on another "
+                f"replica; more sessions per replica need a larger kv_budget_tokens"
             )
-        s = self._sessions[session_id] = SessionKV(last_used=self._tick(), last_used_s=self._seconds())
+        blocks = self._blocks_for(reservation.tokens)
+        s = self._sessions[session_id] = SessionKV(last_used=self._tick(), last_used_s=self._seconds(),
+                                                   admitted=reservation.headroom > 0)  # fmt: skip
         if blocks:
             start = self._find_run(blocks)
             if start is None:
@@ -231,6 +241,7 @@ class KVAllocator:
         t = self._sessions.get(target_id)
         if t is None or t.blocks * self.block_size < s.num_tokens:
             self.free(target_id)
+            s.admitted = s.admitted or (t is not None and t.admitted)
             self._sessions[target_id] = s
             return
         if s.num_tokens:  # two runs never overlap; rows of t past its new length are its own old rows
@@ -244,6 +255,9 @@ class KVAllocator:
 
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
+
+    def _promised_blocks(self) -> int:
+        return sum(s.blocks for s in self._sessions.values() if s.admitted)
 
     def _tick(self) -> int:
         self._clock += 1

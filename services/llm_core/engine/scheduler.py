@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,11 +198,9 @@ class Scheduler:
                 f"{self.max_session_tokens}; start a new session"
             )
         if error is None and have is None:
-            wanted = r.reservation
-            self._evict_for(self.kv.blocks_needed(sid, wanted.tokens) + self.kv.blocks_needed(sid, wanted.headroom),
-                            sid, batch)  # fmt: skip
+            self._evict_until(lambda: self.kv.can_create(r.reservation), sid, batch)
             try:
-                self.kv.create(sid, wanted)
+                self.kv.create(sid, r.reservation)
             except EngineFullError as e:
                 error = e
         if error is not None:
@@ -213,7 +212,7 @@ class Scheduler:
 
     def _reserve(self, r: Request, n: int, batch: ScheduledBatch) -> bool:
         sid = r.session_id
-        self._evict_for(self.kv.blocks_needed(sid, n), sid, batch)
+        self._evict_until(lambda: self.kv.blocks_needed(sid, n) <= self.kv.free_blocks, sid, batch)
         try:
             self.kv.reserve(sid, n)
         except EngineFullError as e:
@@ -222,14 +221,14 @@ class Scheduler:
             return False
         return True
 
-    def _evict_for(self, blocks: int, sid: str, batch: ScheduledBatch) -> None:
-        """Evict idle sessions, least recently used first, until `blocks` blocks are free (if `evict_idle`)."""
-        if blocks <= self.kv.free_blocks or not self.evict_idle:
+    def _evict_until(self, fits: Callable[[], bool], sid: str, batch: ScheduledBatch) -> None:
+        """Evict idle sessions, least recently used first, until `fits()` (if `evict_idle`)."""
+        if fits() or not self.evict_idle:
             return
         # a session whose work just failed this step is idle now, but evicting it would only add churn
         failed_now = {f.session_id for f, _ in batch.failed}
         for victim in self.kv.lru_order():
-            if self.kv.free_blocks >= blocks:
+            if fits():
                 break
             if (victim != sid and self.is_idle(victim) and victim not in failed_now
                     and self.kv.idle_s(victim) >= self.evict_after_s):  # fmt: skip
