@@ -36,7 +36,6 @@ CONCURRENCY = (1, 8, 32)
 # at CreateSession and count as refused in the capacity search, which therefore reports at most that many.
 BENCH_LIMITS = {"max_session_tokens": 4096, "context_window_tokens": 3072, "context_keep_tokens": 1536}
 ADMITTED_SESSIONS = 64
-KV_BUDGET_TOKENS = ADMITTED_SESSIONS * 4096 + (1536 + 4096 - 3072)  # and one context roll's room
 PIECE_S = 0.2
 ANSWER_EVERY = 5  # units between two spoken answers in the capacity runs
 WARM_UP_UNITS = 3
@@ -362,6 +361,11 @@ def run(args) -> list[dict[str, Any]]:
     from services.app.redis_server import RedisServer
     from services.common.bench_checkpoints import small_checkpoint, tiny_checkpoint
 
+    from services.llm_core.admission import AdmissionPolicy
+    from services.llm_core.context_window import WindowPolicy
+
+    window = WindowPolicy(BENCH_LIMITS["context_window_tokens"], BENCH_LIMITS["context_keep_tokens"])
+    kv_budget = AdmissionPolicy.kv_budget_for(ADMITTED_SESSIONS, BENCH_LIMITS["max_session_tokens"], window)
     frame, pcm = unit_inputs()
     rows: list[dict[str, Any]] = []
     for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
@@ -369,7 +373,7 @@ def run(args) -> list[dict[str, Any]]:
         for make in (InProcessPath, DeployedPath):
             with RedisServer() as redis:
                 redis.start()
-                path = make(model_dir, args.device, redis.url, BENCH_LIMITS, kv_budget_tokens=KV_BUDGET_TOKENS)
+                path = make(model_dir, args.device, redis.url, BENCH_LIMITS, kv_budget_tokens=kv_budget)
                 try:
                     rows += asyncio.run(_measured(path, config, frame, pcm, args.quick))
                 finally:

@@ -30,11 +30,16 @@ class AdmissionPolicy:
                 f"{self.max_session_tokens} and a context roll beside it ({self.roll_tokens} tokens)"
             )
 
+    @classmethod
+    def kv_budget_for(cls, live_sessions: int, max_session_tokens: int, window: WindowPolicy) -> int:
+        """The `kv_budget_tokens` that admits `live_sessions` (with whole blocks, when both limits are whole)."""
+        return live_sessions * max_session_tokens + window.keep_tokens + max_session_tokens - window.window_tokens
+
     @property
     def roll_tokens(self) -> int:
         """The most a roll's KV holds: what it keeps, plus the units that arrive while it is built (the live KV
         goes from the window to the hard limit at most)."""
-        return self.window.keep_tokens + self.max_session_tokens - self.window.window_tokens
+        return self.kv_budget_for(0, self.max_session_tokens, self.window)
 
     @property
     def live_sessions(self) -> int:

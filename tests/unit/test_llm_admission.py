@@ -17,7 +17,9 @@ def test_live_sessions_are_promised_their_limit_with_a_rolls_room_kept_free():
     assert policy.live() == Reservation(8192, headroom=5120)
     assert policy.roll() == Reservation(5120)
     assert policy.live_sessions == 7, "8 x 8192 fill the arena: no roll could ever be built"
-    assert AdmissionPolicy(8 * 8192 + 5120, 8192, DEFAULT_WINDOW, 128).live_sessions == 8
+    budget = AdmissionPolicy.kv_budget_for(8, 8192, DEFAULT_WINDOW)
+    assert budget == 8 * 8192 + 5120 and AdmissionPolicy(budget, 8192, DEFAULT_WINDOW, 128).live_sessions == 8
+    assert AdmissionPolicy(budget - 128, 8192, DEFAULT_WINDOW, 128).live_sessions == 7
 
 
 def test_a_chat_is_promised_its_prompt_and_longest_answer_within_the_session_limit():
