@@ -66,4 +66,3 @@ def test_haproxy_keeps_a_session_on_one_gateway_replica(served: ServedApp):
         channel.close()
     split = {key: tags for key, tags in served_by.items() if len(tags) != 1}
     assert not split, f"sessions split over replicas: {split}"
-
