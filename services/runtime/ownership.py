@@ -33,7 +33,7 @@ may hold; an append past them is refused with `SessionLimitExceeded` (RESOURCE_E
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -330,6 +330,27 @@ class OwnershipStore:
 
     async def missing(self, session_ids: Iterable[str]) -> set[str]:
         return await missing_sessions(self.client, self.namespace, session_ids)
+
+    async def superseded(self, held: Mapping[str, int], role: str, replica_id: str) -> set[str]:
+        """The sessions among `held` (session id -> epoch this replica's state was built under) whose state it can
+        no longer vouch for: closed or expired, or their `role` lease now another replica's (a scale-up moved them)
+        or at another epoch. One pipelined round trip; reads only, so the TTLs are not refreshed."""
+        ids = list(held)
+        if not ids:
+            return set()
+        with store_errors(ids[0]):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for sid in ids:
+                    keys = SessionKeys(self.namespace, sid)
+                    pipe.exists(keys.record)
+                    pipe.hmget(keys.lease(role), "owner", "epoch")
+                found = await pipe.execute()
+        mine = replica_id.encode()
+        return {
+            sid
+            for sid, exists, (owner, epoch) in zip(ids, found[::2], found[1::2])
+            if not exists or owner != mine or epoch is None or int(epoch) != held[sid]
+        }
 
     # ---- leases ---------------------------------------------------------------------------------------------
 

@@ -23,7 +23,9 @@ The protocol, per request on session `sid` (one replica at a time owns `sid`'s s
    log only while the lock is held, the reply waits for both (an answered request is always in the log), and
    the lock is released only once the write has settled, so a rebuild after a failure sees the entry or
    never will;
-5. sweep: a background task (started once, on first use) drops the state of sessions whose record is gone.
+5. sweep: a background task (started once, on first use) drops the state of sessions that ended (record gone)
+   or moved (their lease taken by another replica: a scale-up moves sessions to the new ranks, and the state
+   left behind would otherwise hold its memory, and LLMCore's promise of KV room, until the session expired).
 
 Subclasses implement the domain: `has_state`, `drop_state`, `rebuild` (and call `log_then_apply`, or `owned`
 plus `record`/`forget` for requests whose log entry is only known after they ran, like a streamed answer).
@@ -226,7 +228,22 @@ class SessionStage:
         while True:
             await asyncio.sleep(self.sweep_period_s)
             try:
-                for sid in await self._store().missing(list(self.epochs)):
-                    self.forget(sid)
+                await self.sweep_once()
             except Exception as e:  # Redis blip: try again next period; never kill the replica's loop
                 log.warning("%s sweep failed (%s); retrying in %.0f s", self.role, e, self.sweep_period_s)
+
+    async def sweep_once(self) -> list[str]:
+        """Forget the state of sessions that ended or moved to another replica; the ids forgotten.
+
+        A session whose lock is held is left to the next sweep: a request may be rebuilding it under a new
+        epoch right now. Otherwise the state is forgotten only if it is still the one Redis was asked about
+        (same epoch), so a rebuild that completed in the meantime is kept."""
+        held = dict(self.epochs)
+        stale = await self._store().superseded(held, self.role, self.replica_id)
+        forgotten = []
+        for sid in stale:
+            lock = self._locks.get(sid)
+            if (lock is None or not lock.locked()) and self.epochs.get(sid) == held[sid]:
+                self.forget(sid)
+                forgotten.append(sid)
+        return forgotten

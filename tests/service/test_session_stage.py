@@ -114,6 +114,28 @@ async def test_a_session_taken_over_elsewhere_is_taken_back_and_rebuilt(store, s
     assert (await store.lease(sid, "llm")).replica_id == "replica-A"
 
 
+async def test_the_sweep_forgets_sessions_that_moved_or_ended_and_keeps_the_rest(store, redis_url, sid):  # noqa: F811
+    """A scale-up moves a session to a new replica: the replica it left drops its state at the next sweep (its
+    memory, and LLMCore's promise of KV room, are not held until the session expires); a session it still holds is
+    kept, one whose lock a request holds waits for the next sweep, and a closed session is dropped."""
+    records = SessionRecords.from_url(redis_url, ttl_s=30)
+    kept, closed = [(await records.create(key_hash("alice"), "omni", "en")).session_id for _ in range(2)]
+    a, b = PayloadStage(store, "replica-A"), PayloadStage(store, "replica-B")
+    for s in (sid, kept, closed):
+        await a.push(s, f"{s}-r1", b"a1", overlap=False)
+    await b.push(sid, "r2", b"b1", overlap=False)  # moved: B took the lease over
+    await records.delete(closed)
+    await records.aclose()
+
+    async with a._locks[sid]:  # a request of the moved session is running on A: not now
+        assert await a.sweep_once() == [closed]
+    assert await a.sweep_once() == [sid]
+    assert set(a.state) == {kept} and set(a.epochs) == {kept}
+    assert await b.sweep_once() == []
+    assert await a.push(sid, "r3", b"a2", overlap=False) == 3  # moved back: rebuilt from the log, nothing lost
+    assert a.state[sid] == await logged(store, sid) == [b"a1", b"b1", b"a2"]
+
+
 async def test_an_overlapped_apply_refused_by_the_log_is_forgotten(store, sid):
     stage = PayloadStage(store, "replica-A")
     for i in range(6):  # the store allows 6 tokens: one each
