@@ -72,6 +72,7 @@ from services.gateway.requests import (
 from services.gateway.sessions import InvalidTurn, LiveInput, SessionRecord, SessionRecords, StaleLiveInput
 from services.gateway.tdm import TDMMuxer, Unit
 from services.runtime import metrics
+from services.runtime.errors import ReplicaFull, original
 
 _MODE_IDS = {v: k for k, v in VOICE_MODES.items()}
 _STATES = {
@@ -214,20 +215,35 @@ class LiveSessions:
                                 f"{len(prompt.input_ids)} tokens; a live session allows {most} (half of the context "
                                 f"it keeps when its window rolls): shorten the instructions or the reference voice")
         options = {"generation": base64.b64encode(request.options.SerializeToString()).decode()}
-        record = await self.records.create(caller, mode, lang, options)
+        attempts = self.limits.session_placement_attempts
+        for attempt in range(1, attempts + 1):
+            record = await self.records.create(caller, mode, lang, options)
+            sid = record.session_id
+            try:
+                await self._start(caller, record, prompt, ref)
+            except BaseException as e:
+                await self._forget(sid)
+                full = original(e)
+                if not isinstance(full, ReplicaFull):
+                    raise
+                if attempt == attempts:
+                    raise ReplicaFull(f"no LLMCore replica had room for a new live session ({attempts} placements "
+                                      f"tried); the last one said: {full.message}") from e  # fmt: skip
+                metrics.SESSION_PLACEMENTS_REFUSED.inc()
+                continue
+            return self._info(await self.records.get(sid), LiveInput())
+        raise AssertionError("unreachable")
+
+    async def _start(self, caller: str, record: SessionRecord, prompt: Prompt, ref: Any) -> None:
+        """Prefill a new session's system prompt (with its reference voice) on the LLMCore replica its id routes to."""
         sid = record.session_id
-        try:
-            pieces = []  # the reference voice goes through a throwaway Whisper stream (upstream drops that cache)
-            if ref is not None:
-                chunk = audio_pb2.EncodeChunkRequest(session_id=sid, pcm=to_proto(torch.from_numpy(ref)), fresh=True)
-                pieces.append(self.ctx.stages.encode_chunk(chunk))
-            s = _Session(caller, record, TDMMuxer(), 0, 0, 0)
-            self.sessions[sid] = s
-            s.kv_len = (await self._prefill(sid, prompt, pieces, llm_pb2.PREFILL_KIND_SYSTEM)).kv_len
-        except BaseException:
-            await self._forget(sid)
-            raise
-        return self._info(await self.records.get(sid), LiveInput())
+        pieces = []  # the reference voice goes through a throwaway Whisper stream (upstream drops that cache)
+        if ref is not None:
+            chunk = audio_pb2.EncodeChunkRequest(session_id=sid, pcm=to_proto(torch.from_numpy(ref)), fresh=True)
+            pieces.append(self.ctx.stages.encode_chunk(chunk))
+        s = _Session(caller, record, TDMMuxer(), 0, 0, 0)
+        self.sessions[sid] = s
+        s.kv_len = (await self._prefill(sid, prompt, pieces, llm_pb2.PREFILL_KIND_SYSTEM)).kv_len
 
     # --- append ---------------------------------------------------------------------------------------------------
 

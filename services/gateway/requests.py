@@ -48,8 +48,13 @@ class Limits:
     context_keep_tokens: int = 3072
     max_session_tokens: int = 8192
     session_idle_ttl_s: int = 600
+    # CreateSession placed on an LLMCore replica with no room for one more session tries again under a new session
+    # id, which the router sends to another replica (rendezvous over the ranks): with one replica, set 1.
+    session_placement_attempts: int = 4
 
     def __post_init__(self) -> None:
+        if self.session_placement_attempts < 1:
+            raise ValueError(f"limits need session_placement_attempts >= 1, got {self.session_placement_attempts}")
         if not 0 < self.context_keep_tokens < self.context_window_tokens < self.max_session_tokens:
             raise ValueError(
                 "limits need 0 < context_keep_tokens < context_window_tokens < max_session_tokens, got "

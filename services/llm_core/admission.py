@@ -41,11 +41,21 @@ class AdmissionPolicy:
         goes from the window to the hard limit at most)."""
         return self.kv_budget_for(0, self.max_session_tokens, self.window)
 
+    def _blocks(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
     @property
     def live_sessions(self) -> int:
         """Live sessions the arena holds, each at its limit, with one roll's room to spare."""
-        blocks = lambda tokens: -(-tokens // self.block_size)
-        return (blocks(self.kv_budget_tokens) - blocks(self.roll_tokens)) // blocks(self.max_session_tokens)
+        return (self._blocks(self.kv_budget_tokens) - self._blocks(self.roll_tokens)) // self._blocks(
+            self.max_session_tokens
+        )
+
+    def session_load(self, promised_tokens: int) -> float:
+        """The share of the live-session room that is promised: 1.0 when one more live session is refused (what
+        LLMCore reports to its autoscaling policy, `services.runtime.autoscaling`)."""
+        room = self.live_sessions * self._blocks(self.max_session_tokens) * self.block_size
+        return promised_tokens / room
 
     def live(self) -> Reservation:
         return Reservation(self.max_session_tokens, headroom=self.roll_tokens)

@@ -43,6 +43,7 @@ from services.llm_core.engine import EXISTING, EngineFullError, LLMEngine, Reser
 from services.llm_core.engine.cuda_graphs import KERNEL_BLOCK
 from services.llm_core.model import load_llm_model
 from services.runtime import metrics
+from services.runtime.autoscaling import SESSION_LOAD
 from services.runtime.errors import InvalidArgument, Unavailable
 from services.runtime.ownership import Fence, OwnershipStore, SessionLimitExceeded
 from services.runtime.replica import limit_threads, replica_dtype, reports_startup
@@ -147,6 +148,10 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         metrics.KV_SESSIONS.set(stats["sessions"])
         metrics.KV_FREE_TOKENS.set(stats["kv_tokens_free"])
         metrics.LIVE_SESSION_CAPACITY.set(self.admission.live_sessions)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics: the session load the autoscaling policy scales on."""
+        return {SESSION_LOAD: self.admission.session_load(self.engine.stats()["kv_tokens_promised"])}
 
     def _start_reporting(self) -> None:
         if self._reporter is None:
@@ -341,13 +346,16 @@ class LLMCore(SessionStage, SessionAffinityReplica):
                 built = 0
                 for entry in keep:  # live units keep going into the session's own KV meanwhile
                     built = await self._prefill_beside(sid, entry, built)
-                async with self.owned(sid) as now:
-                    if now.epoch != fence.epoch:
-                        return  # the session moved or was rebuilt meanwhile: nothing to switch
+                async with self._locked(sid):
+                    # moved or rebuilt meanwhile: nothing to switch (checked, not acquired: a roll must not take
+                    # back a session that a scale-up moved to another replica)
+                    held = self._held_fence(sid)
+                    if held is None or held.epoch != fence.epoch or not await self._store().check(fence):
+                        return
                     caught_up = (await self._store().log(sid, self.role))[len(entries):]
                     for entry in caught_up:
                         built = await self._prefill_beside(sid, entry, built)
-                    await self._store().rewrite(sid, now, keep + caught_up)
+                    await self._store().rewrite(sid, fence, keep + caught_up)
                     self.engine.replace_session(sid, _beside(sid))
             metrics.CONTEXT_ROLLS.inc()
             self._roll_again_at.pop(sid, None)

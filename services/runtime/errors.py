@@ -42,6 +42,11 @@ class ResourceExhausted(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class ReplicaFull(ResourceExhausted):
+    """This replica cannot take one more session on now; another replica may (a new session is placed again under
+    another id, which routes it elsewhere: `services.gateway.live`)."""
+
+
 class FailedPrecondition(ServingError):
     """The request is valid but not in the resource's current state (e.g. Respond while an answer runs)."""
 

@@ -46,6 +46,11 @@ LIVE_SESSION_CAPACITY = Gauge(
     description="Live sessions an LLMCore replica admits: its KV arena holds each at its token limit, with a "
     "context roll's room to spare (one more is refused RESOURCE_EXHAUSTED).",
 )
+SESSION_PLACEMENTS_REFUSED = Counter(
+    "minicpmo_session_placements_refused_total",
+    description="New live sessions an LLMCore replica had no room for, placed again under another id (a steady "
+    "rise means the replicas are full: see minicpmo_live_session_capacity).",
+)
 TTFT = Histogram(
     "minicpmo_time_to_first_token_s",
     description="Seconds from request arrival at the gateway to the first answer token.",

@@ -205,3 +205,16 @@ def test_each_llm_replica_admits_the_live_sessions_its_header_promises(config_na
     window = WindowPolicy(limits.context_window_tokens, limits.context_keep_tokens)
     policy = AdmissionPolicy(kv_budget, limits.max_session_tokens, window, KERNEL_BLOCK)
     assert policy.live_sessions == LIVE_SESSIONS[config_name]
+
+
+def test_an_llmcore_that_may_scale_scales_on_its_live_sessions():
+    """Requests in flight say little about live sessions (they hold KV between units): an LLMCore deployment with
+    room to add replicas must also count the sessions, or it never scales for them."""
+    from services.runtime.autoscaling import SessionLoadPolicy
+
+    scaling = {name: _deployments(_load(name))["LLMCore"]["autoscaling_config"] for name in CONFIGS}
+    scalable = {name: s for name, s in scaling.items() if s["max_replicas"] > s["min_replicas"]}
+    assert "multi-node" in scalable
+    for name, s in scalable.items():
+        assert _import(s["policy"]["policy_function"]) is SessionLoadPolicy, name
+        SessionLoadPolicy(**s["policy"].get("policy_kwargs", {}))

@@ -13,8 +13,10 @@ from services.llm_core.engine.kv_cache import (
     KVArena,
     Move,
     Reservation,
+    SessionRefused,
     Zero,
 )
+from services.runtime.errors import ReplicaFull
 
 
 def arena_for(kv: KVAllocator, layers: int = 2) -> KVArena:
@@ -197,8 +199,10 @@ def test_admission_counts_promises_so_a_roll_holding_the_headroom_does_not_refus
     assert kv.run("b") == (5, 3) and kv.free_blocks == 0
     kv.free("a#roll")
     assert not kv.can_create(Reservation(4, headroom=8)), "one more would leave less than the headroom unpromised"
-    with pytest.raises(EngineFullError, match="24 of 32 tokens are promised to 2 sessions, 8 free now"):
+    assert kv.promised_tokens == 24, "the roll's KV is not a promise"
+    with pytest.raises(SessionRefused, match="24 of 32 tokens are promised to 2 sessions, 8 free now") as refused:
         kv.create("c", Reservation(4, headroom=8))
+    assert isinstance(refused.value, ReplicaFull), "the gateway places a refused new session on another replica"
 
 
 def test_a_reservation_over_scattered_free_blocks_compacts_the_arena():

@@ -36,3 +36,10 @@ def test_live_sessions_count_whole_blocks():
 def test_an_arena_that_cannot_hold_one_session_and_a_roll_is_a_configuration_error():
     with pytest.raises(ValueError, match="cannot hold one live session"):
         AdmissionPolicy(8192, 8192, DEFAULT_WINDOW, block_size=128)
+
+
+def test_session_load_is_the_share_of_the_live_session_room_promised():
+    policy = AdmissionPolicy(65536, 8192, DEFAULT_WINDOW, block_size=128)  # 7 live sessions
+    assert policy.session_load(0) == 0.0
+    assert policy.session_load(7 * 8192) == 1.0, "full: the next live session is refused"
+    assert policy.session_load(3 * 8192 + 612) == pytest.approx((3 + 612 / 8192) / 7)  # 3 sessions and a chat

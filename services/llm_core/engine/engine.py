@@ -315,8 +315,8 @@ class LLMEngine:
             raise NumericsCheckError(f"numerics canary: logits moved by {err:.3g} since start-up (weights or device bad)")
 
     def stats(self) -> dict[str, int]:
-        """Counters and gauges: sessions, queue, KV tokens (used = committed rows, reserved = held blocks, free =
-        blocks nobody holds), evictions and KV moves so far, steps."""
+        """Counters and gauges: sessions, queue, KV tokens (used = committed rows, promised = admitted sessions'
+        runs, reserved = held blocks, free = blocks nobody holds), evictions and KV moves so far, steps."""
         with self._cv:
             s = self.scheduler.stats()
             kv = self.kv
@@ -326,6 +326,7 @@ class LLMEngine:
                 "decoding": s["decoding"],
                 "queue_depth": s["waiting"],
                 "kv_tokens_used": kv.used_tokens,
+                "kv_tokens_promised": kv.promised_tokens,
                 "kv_tokens_reserved": (kv.num_blocks - kv.free_blocks) * kv.block_size,
                 "kv_tokens_free": kv.free_blocks * kv.block_size,
                 "kv_tokens_budget": kv.capacity_tokens,

@@ -36,11 +36,15 @@ from dataclasses import dataclass
 
 import torch
 
-from services.runtime.errors import ResourceExhausted
+from services.runtime.errors import ReplicaFull, ResourceExhausted
 
 
 class EngineFullError(ResourceExhausted, RuntimeError):
     """The KV arena has no room for this work (RESOURCE_EXHAUSTED; retry later or on another replica)."""
+
+
+class SessionRefused(EngineFullError, ReplicaFull):
+    """The arena cannot promise a new session its room: another replica may have it."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,11 @@ class KVAllocator:
     def used_tokens(self) -> int:
         return sum(s.num_tokens for s in self._sessions.values())
 
+    @property
+    def promised_tokens(self) -> int:
+        """KV room promised to admitted sessions (a roll's KV beside its session is not a promise)."""
+        return self._promised_blocks() * self.block_size
+
     def has(self, session_id: str) -> bool:
         return session_id in self._sessions
 
@@ -169,7 +178,7 @@ class KVAllocator:
         if not self.can_create(reservation):
             kept = f" and {reservation.headroom} more kept free (room for context rolls)" if reservation.headroom else ""
             admitted = sum(s.admitted for s in self._sessions.values())
-            raise EngineFullError(
+            raise SessionRefused(
                 f"KV arena full: a new session is promised {reservation.tokens} tokens{kept}; "
                 f"{self._promised_blocks() * self.block_size} of {self.capacity_tokens} tokens are promised to "
                 f"{admitted} sessions, {self.free_blocks * self.block_size} free now. Retry later or on another "

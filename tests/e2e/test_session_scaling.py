@@ -1,0 +1,100 @@
+"""LLMCore scales on the live sessions it holds, and a new session finds the replica with room: the production app
+(a second application on the e2e cluster) with an LLMCore that admits two sessions per replica, autoscaled from
+one to two replicas by `services.runtime.autoscaling.SessionLoadPolicy`."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from ray import serve
+
+from services.app.builder import build_app
+from services.client.sdk import MiniCPMOClient
+from services.llm_core.admission import AdmissionPolicy
+from services.llm_core.context_window import WindowPolicy
+from tests.e2e.media import wav
+from tests.stack import CONTEXT_WINDOW, MAX_SESSION_TOKENS
+
+pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.slow]
+
+SCALING = "minicpmo-session-scaling"
+PER_REPLICA = 2
+SMALL = {"num_cpus": 0.05}  # beside the main stack on the test cluster's 4 logical CPUs
+
+
+def scaling_app(served):
+    budget = AdmissionPolicy.kv_budget_for(PER_REPLICA, MAX_SESSION_TOKENS, WindowPolicy(*CONTEXT_WINDOW))
+    llm_autoscaling = {
+        "min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
+        "target_ongoing_requests": 1000,  # requests alone never scale it: only the sessions do
+        "upscale_delay_s": 0, "downscale_delay_s": 600, "metrics_interval_s": 0.5, "look_back_period_s": 2,
+        "policy": {"policy_function": "services.runtime.autoscaling:SessionLoadPolicy",
+                   "policy_kwargs": {"target_session_load": 0.75}},
+    }  # fmt: skip
+    deployments = {name: {"ray_actor_options": SMALL} for name in ("Gateway", "VisionEncoder", "AudioEncoder",
+                                                                    "TTSDecoder")}  # fmt: skip
+    deployments["LLMCore"] = {"ray_actor_options": SMALL, "autoscaling_config": llm_autoscaling,
+                              "init_kwargs": {"kv_budget_tokens": budget}}  # fmt: skip
+    return build_app({
+        "model_dir": served.model_dir, "redis_url": served.redis_url, "api_keys": ",".join(served.keys),
+        "device": "cpu", "deployments": deployments,
+        "limits": {"max_session_tokens": MAX_SESSION_TOKENS, "context_window_tokens": CONTEXT_WINDOW[0],
+                   "context_keep_tokens": CONTEXT_WINDOW[1],
+                   "session_placement_attempts": 24},  # a full replica is drawn with p = 1/2: ~6e-8 to miss
+    })  # fmt: skip
+
+
+def running_llm_replicas() -> int:
+    return serve.status().applications[SCALING].deployments["LLMCore"].replica_states.get("RUNNING", 0)
+
+
+def wait_for(what: str, ready, timeout_s: float = 90.0):
+    """Poll `ready()` (cluster state: the autoscaler's decisions and the routers' view of the replicas) until it
+    returns something true."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := ready()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return result
+
+
+def admitted(client) -> str | None:
+    try:
+        return client.create_session().session_id
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+        return None
+
+
+def test_live_sessions_scale_llmcore_up_and_new_sessions_land_on_the_replica_with_room(served, golden):
+    serve.run(scaling_app(served), name=SCALING, route_prefix="/session-scaling")
+    opened: list[str] = []
+    try:
+        with MiniCPMOClient(served.target, api_key=served.keys[0], application=SCALING) as client:
+            # one replica, two sessions: full. Few requests run, but the session load asks for a second replica
+            opened += [client.create_session().session_id for _ in range(PER_REPLICA)]
+            with pytest.raises(grpc.RpcError) as full:
+                client.create_session()
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "no LLMCore replica had room" in full.value.details() and "KV arena full" in full.value.details()
+            wait_for("a second LLMCore replica for the sessions", lambda: running_llm_replicas() == 2)
+
+            # the first replica stays full; new sessions drawn to it are placed again until they land on the new one
+            # (retried here only while the gateway's router has not yet seen the new replica)
+            opened.append(wait_for("a session on the new replica", lambda: admitted(client), timeout_s=30))
+            opened.append(client.create_session().session_id)
+            with pytest.raises(grpc.RpcError) as all_full:
+                client.create_session()
+            assert all_full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "24 placements tried" in all_full.value.details()
+            assert running_llm_replicas() == 2, "max_replicas bounds the policy"
+
+            pcm = wav(golden, "unit_audio_2s.wav")
+            for sid in opened[PER_REPLICA:]:  # the new replica's sessions are served where they were admitted
+                assert client.append(sid, audio=pcm[:16000]).units_prefilled == 1
+            for sid in opened:
+                client.close_session(sid)
+    finally:
+        serve.delete(SCALING)  # back to one app: clients without `application` metadata reach it again
