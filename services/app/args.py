@@ -5,7 +5,8 @@ default options live (`DEFAULTS`). A Serve config overrides them per deployment,
 `init_kwargs`, only go there); the deploy-config tests check every config against this schema.
 
 Defaults are for one node: fractions of a CPU that add up to what a 2-core machine has, and, on CUDA, GPU shares
-that fit the stages on one 80 GB GPU (LLM 0.7, each media stage 0.1).
+that fit the stages on one 80 GB GPU as `deploy/single-gpu-node.yaml` books them (LLM 0.68, vision 0.06, audio
+0.16: its 64 live streams, TTS 0.1).
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def _spec(max_ongoing: int, cpus: float, gpus: float = 0.0, **kw: Any) -> Deploy
 
 DEFAULTS: dict[str, DeploymentSpec] = {
     "Gateway": _spec(128, 0.25),
-    "VisionEncoder": _spec(32, 0.25, 0.1),
-    "AudioEncoder": _spec(32, 0.25, 0.1),
-    "LLMCore": _spec(128, 0.5, 0.7, graceful_shutdown_timeout_s=60),
+    "VisionEncoder": _spec(32, 0.25, 0.06),
+    "AudioEncoder": _spec(32, 0.25, 0.16),
+    "LLMCore": _spec(128, 0.5, 0.68, graceful_shutdown_timeout_s=60),
     # Above the deployment's 32 KV slots: each speaking utterance holds one Speak stream while its PushText calls
     # come and go, so a full pool must refuse the next Speak (RESOURCE_EXHAUSTED), not queue the pushes.
     "TTSDecoder": _spec(128, 0.5, 0.1),

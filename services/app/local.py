@@ -48,6 +48,9 @@ class LocalStages:
     def encode_chunk(self, request: audio_pb2.EncodeChunkRequest) -> LocalPiece:
         return LocalPiece(lambda: self.audio.EncodeChunk(request))
 
+    async def open_stream(self, session_id: str) -> None:
+        await self.audio.OpenStream(audio_pb2.OpenStreamRequest(session_id=session_id))
+
     async def prefill(self, request: llm_pb2.PrefillRequest, pieces: list[LocalPiece]) -> llm_pb2.PrefillResponse:
         return await self.llm.Prefill(request, *[await p.response for p in pieces])
 

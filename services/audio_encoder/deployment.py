@@ -10,6 +10,12 @@ Concurrent requests are batched (`services.runtime.batching.Batcher`): offline c
 encoder call; live chunks of different sessions that arrive together in one forward (`encode_chunks`: each
 stream continues its own Whisper KV, results equal separate calls). A bad clip or chunk fails alone.
 
+Admission: a stream's memory grows with its audio up to the 30 s window (147 MB on the real model, bf16), so a
+replica takes at most `max_live_streams` sessions on, each at `OpenStream` when the session is created (or when a
+moved session is rebuilt here); the next one is refused (`StreamsFull`, RESOURCE_EXHAUSTED), which places a new
+session on another replica. The share of them held is the replica's session load for its autoscaling policy
+(`services.runtime.autoscaling`).
+
 The log stays short: when a chunk restarts the stream (its cache would pass Whisper's 1500 positions, 30 s, and
 starts over, as upstream does), everything before that chunk can no longer affect the stream, so the log is
 rewritten to hold only that chunk. A session's audio log thus never holds more than 30 s of PCM.
@@ -25,8 +31,10 @@ from protos.minicpmo.v1 import audio_pb2, replay_pb2, tensor_pb2
 from services.audio_encoder.encoder import AudioEmbedder, AudioStreamState
 from services.common.tensor_codec import from_proto, to_proto
 from services.runtime import metrics
-from services.runtime.ownership import Fence, OwnershipStore
+from services.runtime.autoscaling import SESSION_LOAD
 from services.runtime.batching import Batcher, each_alone_on_error, result_of
+from services.runtime.errors import ReplicaFull
+from services.runtime.ownership import Fence, OwnershipStore
 from services.runtime.replica import device_alive, limit_threads, off_loop, replica_dtype, reports_startup
 from services.runtime.routing import SessionAffinityReplica, replica_id
 from services.runtime.session_stage import SessionStage
@@ -38,16 +46,31 @@ def _embeddings(items: list[torch.Tensor]) -> tensor_pb2.Embeddings:
     return tensor_pb2.Embeddings(modality=AUDIO, items=[to_proto(e) for e in items])
 
 
+class StreamsFull(ReplicaFull):
+    """This replica holds its maximum of live streams."""
+
+
 @serve.deployment(name="AudioEncoder")
 class AudioEncoder(SessionStage, SessionAffinityReplica):
     role = "audio"
 
     @reports_startup
-    def __init__(self, model_dir: str, device: str = "cpu", redis_url: str | None = None, session_ttl_s: int = 600):
+    def __init__(
+        self,
+        model_dir: str,
+        device: str = "cpu",
+        redis_url: str | None = None,
+        session_ttl_s: int = 600,
+        max_live_streams: int = 64,
+    ):
+        if max_live_streams < 1:
+            raise ValueError(f"max_live_streams must be >= 1, got {max_live_streams}")
         limit_threads()
         self.device = device
+        self.max_live_streams = max_live_streams
         self.embedder = AudioEmbedder.from_checkpoint(model_dir, device=device, dtype=replica_dtype(device))
         self.streams: dict[str, AudioStreamState] = {}
+        self._building: set[str] = set()  # sessions whose stream `rebuild` is encoding from their log
         self.offline = Batcher(each_alone_on_error(self._encode_offline))
         self.live = Batcher(each_alone_on_error(self._encode_live))
         store = OwnershipStore.from_url(redis_url, ttl_s=session_ttl_s) if redis_url else None
@@ -96,6 +119,11 @@ class AudioEncoder(SessionStage, SessionAffinityReplica):
         states, pcms = zip(*chunks)
         return self.embedder.encode_chunks(list(states), list(pcms))
 
+    async def OpenStream(self, request: audio_pb2.OpenStreamRequest) -> audio_pb2.OpenStreamResponse:
+        async with self.owned(request.session_id):  # a new session's (empty) stream, admitted by `rebuild`
+            pass
+        return audio_pb2.OpenStreamResponse(live_streams=len(self.streams), max_live_streams=self.max_live_streams)
+
     async def DropStream(self, request: audio_pb2.DropStreamRequest) -> audio_pb2.DropStreamResponse:
         dropped = self.has_state(request.session_id)
         self.forget(request.session_id)
@@ -110,8 +138,19 @@ class AudioEncoder(SessionStage, SessionAffinityReplica):
         self.streams.pop(session_id, None)
 
     async def rebuild(self, session_id: str, entries) -> dict[str, torch.Tensor]:
+        held = len(self.streams) + len(self._building)  # streams being rebuilt right now hold their place
+        if held >= self.max_live_streams:
+            raise StreamsFull(
+                f"AudioEncoder full: this replica holds {held} live streams, its max_live_streams. Retry later or "
+                f"on another replica; more sessions per replica need a larger max_live_streams (and the memory: up "
+                f"to 30 s of Whisper cache each)"
+            )
         chunks = [(e.request_id, from_proto(e.audio_pcm).numpy()) for e in entries if e.HasField("audio_pcm")]
-        state, results = await off_loop(self._encode_stream, chunks)
+        self._building.add(session_id)
+        try:
+            state, results = await off_loop(self._encode_stream, chunks)
+        finally:
+            self._building.discard(session_id)
         self.streams[session_id] = state
         return results
 
@@ -121,6 +160,10 @@ class AudioEncoder(SessionStage, SessionAffinityReplica):
         for rid, pcm in chunks:
             results[rid] = self.embedder.encode_chunk(state, pcm)
         return state, results
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics: the session load the autoscaling policy scales on."""
+        return {SESSION_LOAD: len(self.streams) / self.max_live_streams}
 
     def check_health(self) -> None:
         device_alive(self.device)

@@ -220,22 +220,26 @@ class LiveSessions:
             record = await self.records.create(caller, mode, lang, options)
             sid = record.session_id
             try:
+                if self.limits.max_live_sessions_per_key:
+                    await self.records.claim(caller, sid, self.limits.max_live_sessions_per_key)
                 await self._start(caller, record, prompt, ref)
             except BaseException as e:
-                await self._forget(sid)
+                await self._forget(sid, caller)
                 full = original(e)
                 if not isinstance(full, ReplicaFull):
                     raise
                 if attempt == attempts:
-                    raise ReplicaFull(f"no LLMCore replica had room for a new live session ({attempts} placements "
-                                      f"tried); the last one said: {full.message}") from e  # fmt: skip
+                    raise ReplicaFull(f"no replica had room for a new live session ({attempts} placements tried); "
+                                      f"the last refusal: {full.message}") from e  # fmt: skip
                 metrics.SESSION_PLACEMENTS_REFUSED.inc()
                 continue
             return self._info(await self.records.get(sid), LiveInput())
         raise AssertionError("unreachable")
 
     async def _start(self, caller: str, record: SessionRecord, prompt: Prompt, ref: Any) -> None:
-        """Prefill a new session's system prompt (with its reference voice) on the LLMCore replica its id routes to."""
+        """Take the new session on in the replicas its id routes to: its audio stream on the AudioEncoder, its system
+        prompt (with its reference voice) prefilled on LLMCore. Both settle before a failure is raised, so that
+        forgetting the session drops whatever either replica took on."""
         sid = record.session_id
         pieces = []  # the reference voice goes through a throwaway Whisper stream (upstream drops that cache)
         if ref is not None:
@@ -243,7 +247,12 @@ class LiveSessions:
             pieces.append(self.ctx.stages.encode_chunk(chunk))
         s = _Session(caller, record, TDMMuxer(), 0, 0, 0)
         self.sessions[sid] = s
-        s.kv_len = (await self._prefill(sid, prompt, pieces, llm_pb2.PREFILL_KIND_SYSTEM)).kv_len
+        prefill = self._prefill(sid, prompt, pieces, llm_pb2.PREFILL_KIND_SYSTEM)
+        opened, system = await asyncio.gather(self.ctx.stages.open_stream(sid), prefill, return_exceptions=True)
+        failures = [r for r in (opened, system) if isinstance(r, BaseException)]
+        if failures:  # a failure other than a full replica comes first: placing the session again would not help
+            raise min(failures, key=lambda e: isinstance(original(e), ReplicaFull))
+        s.kv_len = system.kv_len
 
     # --- append ---------------------------------------------------------------------------------------------------
 
@@ -424,12 +433,12 @@ class LiveSessions:
     # --- close / info ---------------------------------------------------------------------------------------------
 
     async def close(self, caller: str, sid: str) -> None:
-        await self._session(sid, caller)
-        await self._forget(sid)
+        s = await self._session(sid, caller)
+        await self._forget(sid, s.owner)
 
-    async def _forget(self, sid: str) -> None:
+    async def _forget(self, sid: str, owner: str) -> None:
         """Free the session everywhere: Redis keys first (so no stage rebuilds it), then the stages' state."""
-        await self.records.delete(sid)
+        await self.records.delete(sid, owner)
         self.sessions.pop(sid, None)
         metrics.ACTIVE_SESSIONS.set(len(self.sessions))
         self.ctx.stages.forget(sid)

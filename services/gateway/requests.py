@@ -51,10 +51,14 @@ class Limits:
     # CreateSession placed on an LLMCore replica with no room for one more session tries again under a new session
     # id, which the router sends to another replica (rendezvous over the ranks): with one replica, set 1.
     session_placement_attempts: int = 4
+    # Live sessions one API key may hold at once (0: no quota), so that one tenant cannot take every replica's room.
+    max_live_sessions_per_key: int = 0
 
     def __post_init__(self) -> None:
         if self.session_placement_attempts < 1:
             raise ValueError(f"limits need session_placement_attempts >= 1, got {self.session_placement_attempts}")
+        if self.max_live_sessions_per_key < 0:
+            raise ValueError(f"limits need max_live_sessions_per_key >= 0, got {self.max_live_sessions_per_key}")
         if not 0 < self.context_keep_tokens < self.context_window_tokens < self.max_session_tokens:
             raise ValueError(
                 "limits need 0 < context_keep_tokens < context_window_tokens < max_session_tokens, got "

@@ -15,6 +15,11 @@ most one lease period the next Respond or input takes the turn over (as if the d
 `interrupt` clears the turn at once whoever holds it. An answer that ends after it lost the turn changes
 nothing (`end_answer` checks the id).
 
+Per-key quota: each API key's live sessions are listed under the key (a sorted set with its own hash tag, so it
+may live in another Redis Cluster slot than the sessions), and `claim` refuses a session past
+`limits.max_live_sessions_per_key`. A session is added once its record exists and removed when it is deleted;
+one that expired is pruned at its key's next claim (its record is gone), so the list never counts the dead.
+
 Live input (`LiveInput`): the audio of the second not yet complete, the latest frame waiting for its unit, and
 the unit count, kept with the session so another gateway replica continues a session whose replica died. It is
 versioned: a replica writes it only over the version it last read or wrote (`StaleLiveInput` otherwise), so a
@@ -33,7 +38,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from services.gateway.auth import check_owner
-from services.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from services.runtime.ownership import (LUA_REFRESH, SessionKeys, SessionNotFound, missing_sessions, redis_client,
                                        store_errors)
 
@@ -42,6 +47,10 @@ TURN_STATES = ("idle", "user_turn", "answering", "interrupted", "answered")
 
 class InvalidTurn(FailedPrecondition):
     """A turn transition that the conversation state does not allow (e.g. Respond while an answer runs)."""
+
+
+class SessionQuotaExceeded(ResourceExhausted):
+    """The API key holds as many live sessions as its quota allows."""
 
 
 class StaleLiveInput(Unavailable):
@@ -93,6 +102,14 @@ _LUA_CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+return 1
+"""
+
+# KEYS[1] = an owner's live sessions (zset: session id -> claim time); ARGV: quota, session id, now
+# -> 1 claimed / 0 the owner holds `quota` sessions already (atomic: concurrent claims never pass the quota).
+_LUA_CLAIM = """
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 return 1
 """
 
@@ -174,6 +191,7 @@ class SessionRecords:
         self.ttl_s = int(ttl_s)
         self.answer_lease_s = answer_lease_s
         self._create = client.register_script(_LUA_CREATE)
+        self._claim = client.register_script(_LUA_CLAIM)
         self._turn = client.register_script(_LUA_TURN)
         self._heartbeat = client.register_script(_LUA_HEARTBEAT)
         self._input = client.register_script(_LUA_INPUT)
@@ -205,6 +223,25 @@ class SessionRecords:
             raise InvalidArgument(f"session {sid!r} already exists")
         return await self.get(sid)
 
+    def owned_sessions_key(self, owner: str) -> str:
+        return f"{self.namespace}:owner:{{{owner}}}:sessions"
+
+    async def claim(self, owner: str, session_id: str, quota: int) -> None:
+        """Count the created session `session_id` against its owner's quota of live sessions (`SessionQuotaExceeded`
+        when the owner holds `quota` already); sessions that expired are pruned first."""
+        key = self.owned_sessions_key(owner)
+        with store_errors(session_id):
+            held = [m.decode() for m in await self.client.zrange(key, 0, -1)]
+            gone = await self.missing(held)
+            if gone:
+                await self.client.zrem(key, *gone)
+            claimed = await self._claim(keys=[key], args=[quota, session_id, repr(time.time())])
+        if not claimed:
+            raise SessionQuotaExceeded(
+                f"this API key holds {quota} live sessions, its quota (limits.max_live_sessions_per_key): close one "
+                f"(CloseSession) or let an idle one expire before creating another"
+            )
+
     async def get(self, session_id: str) -> SessionRecord:
         with store_errors(session_id):
             h = await self.client.hgetall(SessionKeys(self.namespace, session_id).record)
@@ -226,9 +263,12 @@ class SessionRecords:
         except Exception:  # any failure to answer means not serving
             return False
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, owner: str) -> bool:
+        """Delete the session's keys and take it off its owner's quota."""
         with store_errors(session_id):
-            return await self.client.delete(*self.keys(session_id)) > 0
+            deleted = await self.client.delete(*self.keys(session_id)) > 0
+            await self.client.zrem(self.owned_sessions_key(owner), session_id)
+        return deleted
 
     # ---- turns ----------------------------------------------------------------------------------------------
 

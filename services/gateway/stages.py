@@ -121,6 +121,11 @@ class RayStages:
     def encode_chunk(self, request: audio_pb2.EncodeChunkRequest) -> Piece:
         return Piece(partial(self.audio.options(session_id=request.session_id).EncodeChunk.remote, request))
 
+    async def open_stream(self, session_id: str) -> None:
+        audio = self.audio.options(session_id=session_id)
+        request = audio_pb2.OpenStreamRequest(session_id=session_id)
+        await retried(f"AudioEncoder OpenStream of {session_id}", lambda _: detached(audio.OpenStream.remote, request))
+
     # --- LLM ------------------------------------------------------------------------------------------------------
 
     async def prefill(self, request: llm_pb2.PrefillRequest, pieces: list[Piece]) -> llm_pb2.PrefillResponse:

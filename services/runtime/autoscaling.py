@@ -1,13 +1,15 @@
-"""LLMCore's autoscaling policy: replicas for the requests in flight AND for the live sessions held.
+"""The autoscaling policy of the stages that hold live sessions (LLMCore, AudioEncoder): replicas for the requests
+in flight AND for the sessions held.
 
 Ray Serve's default policy counts ongoing requests. A live session is not a request: between its units (one a
-second) it holds KV room and nothing runs, so 97 sessions, a full replica, may make ten requests in flight. On
-requests alone LLMCore would never scale up for sessions (the next one is refused while `max_replicas` is far
-off), and could scale down under sessions that then have nowhere to go.
+second) it holds state (KV room, a Whisper stream) and nothing runs, so 97 sessions, a full LLMCore replica, may
+make ten requests in flight. On requests alone such a stage would never scale up for sessions (the next one is
+refused while `max_replicas` is far off), and could scale down under sessions that then have nowhere to go.
 
-So each LLMCore replica reports its session load (`SESSION_LOAD`: the share of its live-session room that is
-promised, `AdmissionPolicy.session_load`) through Serve's custom autoscaling metrics (`record_autoscaling_stats`),
-and this policy asks for at least the replicas that hold all of that load at `target_session_load`:
+So each replica reports its session load (`SESSION_LOAD`: the share of the sessions it admits that it holds;
+LLMCore: promised KV over its live-session room, `AdmissionPolicy.session_load`; AudioEncoder: streams over
+`max_live_streams`) through Serve's custom autoscaling metrics (`record_autoscaling_stats`), and this policy asks
+for at least the replicas that hold all of that load at `target_session_load`:
 
     replicas = max(request-based replicas, ceil(sum of the replicas' loads / target_session_load))
 

@@ -48,8 +48,8 @@ LIVE_SESSION_CAPACITY = Gauge(
 )
 SESSION_PLACEMENTS_REFUSED = Counter(
     "minicpmo_session_placements_refused_total",
-    description="New live sessions an LLMCore replica had no room for, placed again under another id (a steady "
-    "rise means the replicas are full: see minicpmo_live_session_capacity).",
+    description="New live sessions an LLMCore or AudioEncoder replica had no room for, placed again under another "
+    "id (a steady rise means the replicas are full: see minicpmo_live_session_capacity).",
 )
 TTFT = Histogram(
     "minicpmo_time_to_first_token_s",

@@ -207,14 +207,41 @@ def test_each_llm_replica_admits_the_live_sessions_its_header_promises(config_na
     assert policy.live_sessions == LIVE_SESSIONS[config_name]
 
 
-def test_an_llmcore_that_may_scale_scales_on_its_live_sessions():
-    """Requests in flight say little about live sessions (they hold KV between units): an LLMCore deployment with
-    room to add replicas must also count the sessions, or it never scales for them."""
+def test_a_stage_holding_live_sessions_that_may_scale_scales_on_them():
+    """Requests in flight say little about live sessions (they hold state between units): an LLMCore or AudioEncoder
+    deployment with room to add replicas must also count the sessions, or it never scales for them."""
     from services.runtime.autoscaling import SessionLoadPolicy
 
-    scaling = {name: _deployments(_load(name))["LLMCore"]["autoscaling_config"] for name in CONFIGS}
-    scalable = {name: s for name, s in scaling.items() if s["max_replicas"] > s["min_replicas"]}
-    assert "multi-node" in scalable
-    for name, s in scalable.items():
-        assert _import(s["policy"]["policy_function"]) is SessionLoadPolicy, name
+    scaling = {(config, name): _deployments(_load(config))[name]["autoscaling_config"]
+               for config in CONFIGS for name in ("LLMCore", "AudioEncoder")}  # fmt: skip
+    scalable = {key: s for key, s in scaling.items() if s["max_replicas"] > s["min_replicas"]}
+    assert {("multi-node", "LLMCore"), ("multi-node", "AudioEncoder")} <= set(scalable)
+    for key, s in scalable.items():
+        assert _import(s["policy"]["policy_function"]) is SessionLoadPolicy, key
         SessionLoadPolicy(**s["policy"].get("policy_kwargs", {}))
+
+
+def _stream_bytes() -> int:
+    """The most one live session's streaming Whisper cache holds on the real model (bf16): K and V of every layer
+    over the 1500 positions of its 30 s window."""
+    audio = real_config().audio
+    return 2 * audio.encoder_layers * audio.d_model * 2 * audio.max_source_positions
+
+
+MEDIA_SLACK_BYTES = 2e9  # a media stage's activations and CUDA context
+
+
+def test_each_audio_replica_has_room_and_memory_for_its_live_streams(config_name):
+    from services.audio_encoder.deployment import AudioEncoder
+
+    config = _load(config_name)
+    args = AppArgs.model_validate(_app(config)["args"])
+    default = inspect.signature(AudioEncoder.func_or_class.__init__).parameters["max_live_streams"].default
+    streams = args.deployment("AudioEncoder", args.device).init_kwargs.get("max_live_streams", default)
+    deployments = _deployments(config)
+    if all(deployments[n]["autoscaling_config"]["max_replicas"] == 1 for n in ("AudioEncoder", "LLMCore")):
+        assert streams >= LIVE_SESSIONS[config_name], "the one AudioEncoder must hold every session LLMCore admits"
+    if args.device == "cuda":
+        need = _bytes("audio") + streams * _stream_bytes() + MEDIA_SLACK_BYTES
+        share = deployments["AudioEncoder"]["ray_actor_options"]["num_gpus"] * GPU_GB
+        assert need <= share, f"AudioEncoder needs {need / 1e9:.1f} GB of its {share / 1e9:.1f} GB"

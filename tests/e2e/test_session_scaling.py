@@ -1,6 +1,7 @@
-"""LLMCore scales on the live sessions it holds, and a new session finds the replica with room: the production app
-(a second application on the e2e cluster) with an LLMCore that admits two sessions per replica, autoscaled from
-one to two replicas by `services.runtime.autoscaling.SessionLoadPolicy`."""
+"""LLMCore scales on the live sessions it holds, a new session finds the replica with room, and one API key holds
+at most its quota of them: the production app (a second application on the e2e cluster) with an LLMCore that
+admits two sessions per replica, autoscaled from one to two replicas by
+`services.runtime.autoscaling.SessionLoadPolicy`, and a quota of three live sessions per key."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def scaling_app(served):
         "device": "cpu", "deployments": deployments,
         "limits": {"max_session_tokens": MAX_SESSION_TOKENS, "context_window_tokens": CONTEXT_WINDOW[0],
                    "context_keep_tokens": CONTEXT_WINDOW[1],
-                   "session_placement_attempts": 24},  # a full replica is drawn with p = 1/2: ~6e-8 to miss
+                   "session_placement_attempts": 24,  # a full replica is drawn with p = 1/2: ~6e-8 to miss
+                   "max_live_sessions_per_key": PER_REPLICA + 1},
     })  # fmt: skip
 
 
@@ -70,31 +72,41 @@ def admitted(client) -> str | None:
 
 def test_live_sessions_scale_llmcore_up_and_new_sessions_land_on_the_replica_with_room(served, golden):
     serve.run(scaling_app(served), name=SCALING, route_prefix="/session-scaling")
-    opened: list[str] = []
+    opened: dict[str, MiniCPMOClient] = {}
     try:
-        with MiniCPMOClient(served.target, api_key=served.keys[0], application=SCALING) as client:
+        with (MiniCPMOClient(served.target, api_key=served.keys[0], application=SCALING) as alice,
+              MiniCPMOClient(served.target, api_key=served.keys[1], application=SCALING) as bob):  # fmt: skip
             # one replica, two sessions: full. Few requests run, but the session load asks for a second replica
-            opened += [client.create_session().session_id for _ in range(PER_REPLICA)]
+            for _ in range(PER_REPLICA):
+                opened[alice.create_session().session_id] = alice
             with pytest.raises(grpc.RpcError) as full:
-                client.create_session()
+                alice.create_session()
             assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "no LLMCore replica had room" in full.value.details() and "KV arena full" in full.value.details()
+            assert "no replica had room" in full.value.details() and "KV arena full" in full.value.details()
             wait_for("a second LLMCore replica for the sessions", lambda: running_llm_replicas() == 2)
 
             # the first replica stays full; new sessions drawn to it are placed again until they land on the new one
             # (retried here only while the gateway's router has not yet seen the new replica)
-            opened.append(wait_for("a session on the new replica", lambda: admitted(client), timeout_s=30))
-            opened.append(client.create_session().session_id)
+            opened[wait_for("a session on the new replica", lambda: admitted(alice), timeout_s=30)] = alice
+            with pytest.raises(grpc.RpcError) as quota:  # the new replica has room, but not alice's quota
+                alice.create_session()
+            assert quota.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "holds 3 live sessions, its quota" in quota.value.details()
+            opened[bob.create_session().session_id] = bob  # another key's quota is its own
             with pytest.raises(grpc.RpcError) as all_full:
-                client.create_session()
+                bob.create_session()
             assert all_full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "24 placements tried" in all_full.value.details()
             assert running_llm_replicas() == 2, "max_replicas bounds the policy"
 
             pcm = wav(golden, "unit_audio_2s.wav")
-            for sid in opened[PER_REPLICA:]:  # the new replica's sessions are served where they were admitted
-                assert client.append(sid, audio=pcm[:16000]).units_prefilled == 1
-            for sid in opened:
+            for sid in list(opened)[PER_REPLICA:]:  # the new replica's sessions are served where they were admitted
+                assert opened[sid].append(sid, audio=pcm[:16000]).units_prefilled == 1
+            first = next(iter(opened))
+            alice.close_session(first)  # frees a place in alice's quota and on the first replica
+            del opened[first]
+            opened[wait_for("room after a close", lambda: admitted(alice), timeout_s=30)] = alice
+            for sid, client in opened.items():
                 client.close_session(sid)
     finally:
         serve.delete(SCALING)  # back to one app: clients without `application` metadata reach it again

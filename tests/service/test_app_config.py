@@ -47,7 +47,7 @@ def test_overrides_merge_over_defaults():
     assert opts["num_replicas"] == 3 and opts["ray_actor_options"] == {"num_cpus": 2}
     assert opts["max_ongoing_requests"] == DEFAULTS["LLMCore"].max_ongoing_requests and init == {"kv_budget_tokens": 7}
     assert "num_gpus" not in opts["ray_actor_options"]  # GPU shares only on CUDA
-    assert deployment_options("LLMCore", args, "cuda")[0]["ray_actor_options"]["num_gpus"] == 0.7
+    assert deployment_options("LLMCore", args, "cuda")[0]["ray_actor_options"]["num_gpus"] == 0.68
     assert args.limits.max_new_tokens == 5
     scaled = DeploymentSpec(num_replicas=2).merged(DeploymentSpec(autoscaling_config={"min_replicas": 1}))
     assert scaled.num_replicas is None  # autoscaling replaces a fixed replica count

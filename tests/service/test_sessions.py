@@ -12,7 +12,7 @@ import pytest
 from protos.minicpmo.v1 import replay_pb2
 from services.app.redis_server import RedisServer
 from services.gateway.auth import PermissionDenied, key_hash
-from services.gateway.sessions import InvalidTurn, LiveInput, SessionRecords, StaleLiveInput
+from services.gateway.sessions import InvalidTurn, LiveInput, SessionQuotaExceeded, SessionRecords, StaleLiveInput
 from services.runtime.errors import InvalidArgument
 from services.runtime.ownership import (
     Fence,
@@ -263,11 +263,34 @@ async def test_delete_removes_every_key(records, store):
     await store.append(sid, "llm", [entry(3)])
     await records.save_input(sid, LiveInput(np.ones(4, np.float32), None, 1), start_turn=True)
     other = (await records.create(BOB, "chat", "en")).session_id
-    assert await records.delete(sid)
+    assert await records.delete(sid, ALICE)
     remaining = {k.decode() for k in await records.client.keys("*")}
     assert remaining == {records.keys(other)[0]}
-    assert not await records.delete(sid)
+    assert not await records.delete(sid, ALICE)
     assert await records.missing([sid, other]) == {sid}
+
+
+async def test_a_key_holds_at_most_its_quota_of_live_sessions(records):
+    """Claims past the quota are refused (concurrent ones too), a deleted or expired session frees its place, and
+    another key's quota is its own."""
+    sids = [(await records.create(ALICE, "omni", "en")).session_id for _ in range(5)]
+    results = await asyncio.gather(*(records.claim(ALICE, sid, 2) for sid in sids), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(refused) == 3 and all(isinstance(r, SessionQuotaExceeded) for r in refused)
+    assert "holds 2 live sessions, its quota" in str(refused[0])
+    claimed = [sid for sid, r in zip(sids, results) if r is None]
+    waiting = [sid for sid, r in zip(sids, results) if r is not None]
+    bob = (await records.create(BOB, "omni", "en")).session_id
+    await records.claim(BOB, bob, 2)  # another key
+
+    await records.delete(claimed[0], ALICE)  # closed: its place is free at once
+    await records.claim(ALICE, waiting[0], 2)
+    with pytest.raises(SessionQuotaExceeded):
+        await records.claim(ALICE, waiting[1], 2)
+    await records.client.delete(*records.keys(claimed[1]))  # expired (Redis dropped its keys): pruned at the claim
+    await records.claim(ALICE, waiting[1], 2)
+    held = {m.decode() for m in await records.client.zrange(records.owned_sessions_key(ALICE), 0, -1)}
+    assert held == {waiting[0], waiting[1]}
 
 
 async def test_concurrent_sessions_are_isolated(records, store):
