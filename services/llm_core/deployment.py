@@ -51,6 +51,7 @@ from services.runtime.routing import SessionAffinityReplica, replica_id
 from services.runtime.session_stage import SessionStage
 
 METRICS_PERIOD_S = 5.0
+ROLL_WAITS_FOR_ANSWER_S = 5.0  # the longest a context roll waits for a streaming answer before it switches
 IMAGE = tensor_pb2.Embeddings.MODALITY_IMAGE
 AUDIO = tensor_pb2.Embeddings.MODALITY_AUDIO
 log = logging.getLogger("ray.serve")
@@ -137,6 +138,7 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         log.info("LLMCore takes on %d live sessions of up to %d tokens (kv_budget_tokens %d)",
                  self.admission.live_sessions, max_session_tokens, kv_budget_tokens)  # fmt: skip
         self._rolling: dict[str, asyncio.Task] = {}
+        self._answering: dict[str, asyncio.Event] = {}  # sessions whose answer streams now, set once it is logged
         self._roll_again_at: dict[str, int] = {}  # KV length below which a roll that saved little is not retried
         self._built: set[str] = set()  # sessions whose KV this replica built: their requests need it to exist
         self._reporter: asyncio.Task | None = None
@@ -256,6 +258,7 @@ class LLMCore(SessionStage, SessionAffinityReplica):
                         "close it and start a new session"
                     )
                 self.record(sid, rid, _ANSWERING)  # until _log_answer settles it
+                self._answering[sid] = answered = asyncio.Event()  # a roll switches only once it is logged
                 kv_before = self.engine.kv_len(sid) or 0
         if done == _ANSWERING:
             raise DuplicateRequest(f"answer {rid} of session {sid} is still running; retry when it ends")
@@ -275,7 +278,11 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         finally:
             kv_now = finish[0].kv_len if finish else self.engine.kv_len(sid)
             stop = finish[0].stop if finish else llm_pb2.STOP_REASON_INTERRUPTED
-            await self._log_answer(fence, rid, embeds, generated, stop, kv_before, kv_now)
+            try:
+                await self._log_answer(fence, rid, embeds, generated, stop, kv_before, kv_now)
+            finally:
+                self._answering.pop(sid, None)
+                answered.set()
 
     async def _stream(
         self, sid: str, embeds: torch.Tensor, params: SamplingParams, request: llm_pb2.GenerateRequest,
@@ -346,17 +353,8 @@ class LLMCore(SessionStage, SessionAffinityReplica):
                 built = 0
                 for entry in keep:  # live units keep going into the session's own KV meanwhile
                     built = await self._prefill_beside(sid, entry, built)
-                async with self._locked(sid):
-                    # moved or rebuilt meanwhile: nothing to switch (checked, not acquired: a roll must not take
-                    # back a session that a scale-up moved to another replica)
-                    held = self._held_fence(sid)
-                    if held is None or held.epoch != fence.epoch or not await self._store().check(fence):
-                        return
-                    caught_up = (await self._store().log(sid, self.role))[len(entries):]
-                    for entry in caught_up:
-                        built = await self._prefill_beside(sid, entry, built)
-                    await self._store().rewrite(sid, fence, keep + caught_up)
-                    self.engine.replace_session(sid, _beside(sid))
+                if not await self._switch(sid, fence, entries, keep, built):
+                    return
             metrics.CONTEXT_ROLLS.inc()
             self._roll_again_at.pop(sid, None)
         except Exception as e:  # the session goes on with its full KV; the next growth tries again
@@ -364,6 +362,34 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         finally:
             self.engine.drop(_beside(sid))
             self._rolling.pop(sid, None)
+
+    async def _switch(
+        self, sid: str, fence: Fence, entries: list[replay_pb2.ReplayEntry], keep: list[replay_pb2.ReplayEntry],
+        built: int,
+    ) -> bool:
+        """Under the session's lock: catch the roll's KV up with the log written since `entries` were read, rewrite
+        the log to what it holds, switch the session to it (True). False when the session moved or was rebuilt
+        meanwhile (checked, not acquired: a roll must not take back a session a scale-up moved elsewhere). An answer
+        streams outside the lock: while one runs, the switch waits for it to be logged, instead of failing on the
+        busy session and throwing the roll's work away; but not for longer than `ROLL_WAITS_FOR_ANSWER_S`, since the
+        roll's KV holds the replica's room for rolls meanwhile (a failed roll is tried again at the next growth)."""
+        while True:
+            async with self._locked(sid):
+                held = self._held_fence(sid)
+                if held is None or held.epoch != fence.epoch or not await self._store().check(fence):
+                    return False
+                answering = self._answering.get(sid)
+                if answering is None:
+                    caught_up = (await self._store().log(sid, self.role))[len(entries) :]
+                    for entry in caught_up:
+                        built = await self._prefill_beside(sid, entry, built)
+                    await self._store().rewrite(sid, fence, keep + caught_up)
+                    self.engine.replace_session(sid, _beside(sid))
+                    return True
+            try:
+                await asyncio.wait_for(answering.wait(), ROLL_WAITS_FOR_ANSWER_S)
+            except TimeoutError:
+                raise TimeoutError(f"an answer still streamed after {ROLL_WAITS_FOR_ANSWER_S} s") from None
 
     async def _prefill_beside(self, sid: str, entry: replay_pb2.ReplayEntry, built: int) -> int:
         """One entry into the roll's KV, which holds `built` rows (so an eviction of it fails the roll instead of

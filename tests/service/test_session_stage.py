@@ -336,6 +336,64 @@ async def test_a_unit_over_the_hard_limit_while_the_context_rolls_waits_for_the_
         await llm.store.aclose()
 
 
+async def test_a_roll_due_while_an_answer_streams_switches_once_the_answer_is_logged(redis_url, sid, tiny_checkpoint):  # noqa: F811
+    """An answer streams outside the session's lock. A roll that reaches its switch meanwhile waits until the answer
+    is logged, then switches with the answer in the trimmed KV. Before, it switched at once when the engine had
+    finished the answer's tokens (its KV then lacked an answer the log got after), or failed on the busy session
+    and threw its work away."""
+    from services.common.generation import GREEDY
+    from services.gateway.context import sampling_msg
+    from services.llm_core.deployment import LLMCore
+
+    llm = LLMCore.func_or_class(str(tiny_checkpoint), "cpu", redis_url, max_session_tokens=64,
+                                context_window_tokens=40, context_keep_tokens=20)  # fmt: skip
+    roll_gate, answer_gate, streaming = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    roll, stream = llm._roll, llm._stream
+
+    async def held_roll(session_id: str) -> None:
+        await roll_gate.wait()
+        await roll(session_id)
+
+    async def held_stream(*args, **kwargs):  # the client reads the answer slowly: it is still streaming
+        async for msg in stream(*args, **kwargs):
+            yield msg
+            streaming.set()
+            await answer_gate.wait()
+
+    llm._roll, llm._stream = held_roll, held_stream
+
+    async def prefill(rid: str, kind: int = llm_pb2.PREFILL_KIND_UNIT) -> int:
+        request = llm_pb2.PrefillRequest(session_id=sid, request_id=rid, kind=kind,
+                                         input=llm_pb2.PrefillInput(input_ids=list(range(10, 18))))  # fmt: skip
+        return (await llm.Prefill(request)).kv_len
+
+    async def answer() -> list[int]:
+        request = llm_pb2.GenerateRequest(session_id=sid, request_id="a0", input=llm_pb2.PrefillInput(input_ids=[7, 8]),
+                                          sampling=sampling_msg(GREEDY.with_(max_new_tokens=3)), spk_position=-1)  # fmt: skip
+        return [t for msg in [m async for m in llm.Generate(request)] for t in msg.token_ids]
+
+    try:
+        assert await prefill("system", llm_pb2.PREFILL_KIND_SYSTEM) == 8
+        assert [await prefill(f"u{i}") for i in range(4)] == [16, 24, 32, 40]
+        rolling = llm._rolling[sid]  # due at 40, held
+        answering = asyncio.create_task(answer())
+        await streaming.wait()
+        roll_gate.set()
+        done, _ = await asyncio.wait({rolling}, timeout=1.0)
+        assert not done, "the roll switched (or gave up) while the answer was streaming"
+        answer_gate.set()
+        assert len(await answering) == 3
+        await rolling
+        log = await llm.store.log(sid, "llm")
+        assert [e.request_id for e in log] == ["system", "u3", "a0"], "trimmed, with the answer caught up"
+        assert llm.engine.kv_len(sid) == sum(e.llm_tokens for e in log) == 16 + log[-1].llm_tokens
+    finally:
+        roll_gate.set()
+        answer_gate.set()
+        llm.engine.stop()
+        await llm.store.aclose()
+
+
 async def test_sessions_are_admitted_with_room_to_roll_and_concurrent_rolls_take_turns(redis_url, tiny_checkpoint):  # noqa: F811
     """An arena of 3 blocks (128 tokens each) holds 2 live sessions of at most 64 tokens and the room of one roll.
     A third session is refused at once; the two sessions' rolls, due at the same time, take turns in the one roll's
