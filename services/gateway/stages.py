@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from protos.minicpmo.v1 import audio_pb2, llm_pb2, tts_pb2, vision_pb2
-from services.runtime.replica import detached
+from services.runtime.replica import detached, with_own_transport
 
 T = TypeVar("T")
 log = logging.getLogger("ray.serve")
@@ -108,7 +108,7 @@ class RayStages:
     """The stage calls over Ray Serve handles of the deployments (the TTS reaches its Vocoder itself)."""
 
     def __init__(self, vision: Any, audio: Any, llm: Any, tts: Any):
-        self.vision, self.audio, self.llm, self.tts = vision, audio, llm, tts
+        self.vision, self.audio, self.llm, self.tts = (with_own_transport(h) for h in (vision, audio, llm, tts))
 
     # --- encoders (their responses go straight into an LLM call) ------------------------------------------------
 

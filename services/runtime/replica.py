@@ -50,6 +50,18 @@ def detached(fn: Callable[..., T], *args) -> T:
     return contextvars.Context().run(fn, *args)
 
 
+def with_own_transport(handle: T) -> T:
+    """`handle` (a Serve DeploymentHandle a replica was given) sending by value over gRPC when this process runs
+    with `RAY_SERVE_USE_GRPC_BY_DEFAULT=1` (`services.app.serve_env`), by reference otherwise.
+
+    A handle carries the transport of the process that created it: the one that built the app, which may have
+    imported Ray Serve before that variable was set (the benchmark, after its in-process run, or the test session)
+    and then hands every replica by-reference handles. The replica's own environment is the one that counts."""
+    from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+
+    return handle.options(_by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
+
+
 def process_age_s() -> float:
     """Seconds since this process started (Linux /proc: its start time in clock ticks after boot)."""
     start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])

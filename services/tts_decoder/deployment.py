@@ -33,7 +33,7 @@ from services.common.tensor_codec import from_proto, to_proto
 from services.runtime import metrics
 from services.runtime.batching import Batcher, result_of
 from services.runtime.replica import (detached, device_alive, limit_threads, off_loop, replica_dtype,
-                                      reports_startup)
+                                      reports_startup, with_own_transport)
 from services.runtime.routing import SessionAffinityReplica
 from services.tts_decoder.streaming import SpeechChunk, SpeechDecoder, StepBatcher
 from services.tts_decoder.text import EmptyTextError
@@ -75,7 +75,7 @@ class TTSDecoder(SessionAffinityReplica):
         self.decoder = SpeechDecoder.from_checkpoint(model_dir, device=device, dtype=replica_dtype(device),
                                                      vocoder=vocoder is None, max_utterances=max_utterances)
         self.batcher = StepBatcher(self.decoder)
-        self.vocoder = vocoder
+        self.vocoder = with_own_transport(vocoder) if vocoder is not None else None
         self.idle_timeout_s = idle_timeout_s
         self.utterances: dict[str, _Utterance] = {}
         self._sweeper: asyncio.Task | None = None
