@@ -12,6 +12,9 @@ Rows per config and path ("deployments": gRPC through the proxy, the Gateway and
   slots), found by doubling then bisecting; `unit_p95_ms` is that of the largest passing count;
 - `cpu_per_unit` (deployments): CPU seconds each stage's replica processes spent per unit in the throughput run.
 A unit's latency in the paced runs is from the AppendUnit that completed its second to that call's reply.
+Both paths run at once (one Redis, their own sessions): the `unit` and `ttfa` rows alternate between them in
+blocks of 8 units, so that their ratio compares the two under the same machine; the load rows run one path at a
+time while the other sits idle.
 """
 
 from __future__ import annotations
@@ -339,11 +342,25 @@ def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     return {name: sum(of(p) for p in ps) for name, ps in pids.items()}
 
 
-async def run_path(path, config: str, frame: bytes, pcm: np.ndarray, quick: bool) -> list[dict[str, Any]]:
-    reps, units = (4, 2) if quick else (32, 4)
+async def unit_rows(paths: list, config: str, frame: bytes, pcm: np.ndarray, quick: bool) -> list[dict[str, Any]]:
+    """`unit` and `ttfa` of every path, measured in blocks that alternate between the paths: this box's speed drifts
+    by 10-40% over minutes, and a ratio of two runs minutes apart measured that drift as much as the transport."""
+    reps, blocks = (4, 1) if quick else (8, 4)
+    measured: dict[str, tuple[list[float], list[float]]] = {path.name: ([], []) for path in paths}
+    for _ in range(blocks):
+        for path in paths:
+            unit, ttfa = await unit_and_ttfa(path, frame, pcm, reps)
+            measured[path.name][0].extend(unit)
+            measured[path.name][1].extend(ttfa)
+    return [{"config": config, "path": name, "metric": metric, **stats_ms(xs)}
+            for name, (unit, ttfa) in measured.items() for metric, xs in (("unit", unit), ("ttfa", ttfa))]
+
+
+async def load_rows(path, config: str, frame: bytes, pcm: np.ndarray, quick: bool) -> list[dict[str, Any]]:
+    """`throughput`, `cpu_per_unit` (deployed) and `capacity` of one path."""
+    units = 2 if quick else 4
     row = {"config": config, "path": path.name}
-    unit, ttfa = await unit_and_ttfa(path, frame, pcm, reps)
-    rows = [{**row, "metric": "unit", **stats_ms(unit)}, {**row, "metric": "ttfa", **stats_ms(ttfa)}]
+    rows = []
     for n in CONCURRENCY:
         before = cpu_seconds(path.replica_pids()) if isinstance(path, DeployedPath) else None
         ups, lat = await throughput(path, frame, pcm, n, units)
@@ -370,19 +387,25 @@ def run(args) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
         model_dir = str({"tiny": tiny_checkpoint, "small": small_checkpoint}[config]())
-        for make in (InProcessPath, DeployedPath):
-            with RedisServer() as redis:
-                redis.start()
-                path = make(model_dir, args.device, redis.url, BENCH_LIMITS, kv_budget_tokens=kv_budget)
-                try:
-                    rows += asyncio.run(_measured(path, config, frame, pcm, args.quick))
-                finally:
+        with RedisServer() as redis:  # both paths at once (their sessions apart), so their unit rows interleave
+            redis.start()
+            paths = []
+            try:
+                for make in (InProcessPath, DeployedPath):
+                    paths.append(make(model_dir, args.device, redis.url, BENCH_LIMITS, kv_budget_tokens=kv_budget))
+                rows += asyncio.run(_measured(paths, config, frame, pcm, args.quick))
+            finally:
+                for path in paths:
                     path.shutdown()
     return rows
 
 
-async def _measured(path, config: str, frame: bytes, pcm: np.ndarray, quick: bool) -> list[dict[str, Any]]:
+async def _measured(paths: list, config: str, frame: bytes, pcm: np.ndarray, quick: bool) -> list[dict[str, Any]]:
     try:
-        return await run_path(path, config, frame, pcm, quick)
+        rows = await unit_rows(paths, config, frame, pcm, quick)
+        for path in paths:  # the other path sits idle meanwhile
+            rows += await load_rows(path, config, frame, pcm, quick)
+        return rows
     finally:
-        await path.aclose()
+        for path in paths:
+            await path.aclose()
