@@ -48,8 +48,9 @@ class Limits:
     context_keep_tokens: int = 3072
     max_session_tokens: int = 8192
     session_idle_ttl_s: int = 600
-    # CreateSession placed on an LLMCore replica with no room for one more session tries again under a new session
-    # id, which the router sends to another replica (rendezvous over the ranks): with one replica, set 1.
+    # CreateSession placed on an LLMCore or AudioEncoder replica with no room for one more session tries again under
+    # a new session id, which the routers send to other replicas (rendezvous over the ranks): with one replica each,
+    # set 1.
     session_placement_attempts: int = 4
     # Live sessions one API key may hold at once (0: no quota), so that one tenant cannot take every replica's room.
     max_live_sessions_per_key: int = 0

@@ -328,9 +328,6 @@ class OwnershipStore:
         with store_errors(session_id):
             return bool(await self._touch(keys=self.keys(session_id), args=[self.ttl_s, repr(time.time())]))
 
-    async def missing(self, session_ids: Iterable[str]) -> set[str]:
-        return await missing_sessions(self.client, self.namespace, session_ids)
-
     async def superseded(self, held: Mapping[str, int], role: str, replica_id: str) -> set[str]:
         """The sessions among `held` (session id -> epoch this replica's state was built under) whose state it can
         no longer vouch for: closed or expired, or their `role` lease now another replica's (a scale-up moved them)

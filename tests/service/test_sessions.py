@@ -105,7 +105,7 @@ async def test_every_key_shares_the_ttl_and_an_idle_session_expires_whole(redis_
 
         await wait_until(all_gone, timeout_s=10)
         assert not await store.touch(sid)
-        assert await store.missing([sid]) == {sid}
+        assert await store.superseded({sid: 1}, "llm", "r1") == {sid}  # a replica's sweep drops its state
         with pytest.raises(SessionNotFound):
             await store.acquire(sid, "llm", "r1")
         with pytest.raises(SessionNotFound):
@@ -325,7 +325,7 @@ async def test_redis_loss_is_a_retryable_error_not_a_hang():
                 store.acquire(sid, "llm", "r"),
                 store.append(sid, "llm", [entry(1)], fence=fence),
                 store.log(sid, "llm"),
-                store.missing([sid]),
+                store.superseded({sid: fence.epoch}, "llm", "r"),
             ):
                 with pytest.raises(StoreUnavailable, match="unreachable"):
                     await call
