@@ -8,8 +8,8 @@ Rows per config and path ("deployments": gRPC through the proxy, the Gateway and
 - `throughput`: 1, 8 and 32 sessions each pushing 1 s units back to back: units/s in all, unit latency;
 - `capacity`: real-time live sessions (200 ms audio pieces paced in real time, a frame each second, a spoken
   answer every 5 units): the most sessions whose unit latency p95 stays under 1 s and which all found room
-  (none refused with RESOURCE_EXHAUSTED: LLMCore admits ADMITTED_SESSIONS, the TTS has a fixed number of speech
-  slots), found by doubling then bisecting; `unit_p95_ms` is that of the largest passing count;
+  (none refused with RESOURCE_EXHAUSTED: LLMCore admits the config's ADMITTED_SESSIONS, the TTS has a fixed number
+  of speech slots), found by doubling then bisecting; `unit_p95_ms` is that of the largest passing count;
 - `cpu_per_unit` (deployments): CPU seconds each stage's replica processes spent per unit in the throughput run.
 A unit's latency in the paced runs is from the AppendUnit that completed its second to that call's reply.
 Both paths run at once (one Redis, their own sessions): the `unit` and `ttfa` rows alternate between them in
@@ -36,9 +36,12 @@ APP = "minicpmo-bench"
 CONCURRENCY = (1, 8, 32)
 # The sessions here are short (the longest ~40 units, ~3600 tokens): a 4096-token limit never rolls them, and lets
 # LLMCore's KV arena promise each its whole limit (admission) for up to ADMITTED_SESSIONS at once. More are refused
-# at CreateSession and count as refused in the capacity search, which therefore reports at most that many.
+# at CreateSession and count as refused in the capacity search, which therefore reports at most that many. Both paths
+# hold their arena at once: small's 28 KiB of KV per token would make 64 sessions 7.3 GB per path, and the two paths
+# beside their replicas outgrew this 24 GiB box (Ray's memory monitor killed replicas), so small admits 32 (the most
+# sessions a load row runs).
 BENCH_LIMITS = {"max_session_tokens": 4096, "context_window_tokens": 3072, "context_keep_tokens": 1536}
-ADMITTED_SESSIONS = 64
+ADMITTED_SESSIONS = {"tiny": 64, "small": max(CONCURRENCY)}
 PIECE_S = 0.2
 ANSWER_EVERY = 5  # units between two spoken answers in the capacity runs
 WARM_UP_UNITS = 3
@@ -382,11 +385,11 @@ def run(args) -> list[dict[str, Any]]:
     from services.llm_core.context_window import WindowPolicy
 
     window = WindowPolicy(BENCH_LIMITS["context_window_tokens"], BENCH_LIMITS["context_keep_tokens"])
-    kv_budget = AdmissionPolicy.kv_budget_for(ADMITTED_SESSIONS, BENCH_LIMITS["max_session_tokens"], window)
     frame, pcm = unit_inputs()
     rows: list[dict[str, Any]] = []
     for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
         model_dir = str({"tiny": tiny_checkpoint, "small": small_checkpoint}[config]())
+        kv_budget = AdmissionPolicy.kv_budget_for(ADMITTED_SESSIONS[config], BENCH_LIMITS["max_session_tokens"], window)
         with RedisServer() as redis:  # both paths at once (their sessions apart), so their unit rows interleave
             redis.start()
             paths = []
