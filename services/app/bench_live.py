@@ -14,8 +14,8 @@ Rows per config:
   `errors`, gRPC errors in it (the run goes on after one);
 - `summary`: units and answers done, errors (by status code; must be 0), `kv_rolls` (times the KV shrank: the
   window rebuilt it), `kv_max` before and after the first roll against the window, the RSS growth of each
-  stage from the end of minute 2 to the end, the Redis bytes at most and after CloseSession, and the unit p95 of
-  the first vs the last minute.
+  stage from the end of minute 2 to the end and its least-squares slope over those minutes (MB per minute), the
+  Redis bytes at most and after CloseSession, and the unit p95 of the first vs the last minute.
 """
 
 from __future__ import annotations
@@ -138,6 +138,16 @@ async def minute_row(path: LivePath, sid: str, minute: int, win: Window, tally: 
     }  # fmt: skip
 
 
+def rss_slope(minutes: list[dict], stage: str) -> float:
+    """MB per simulated minute of a stage's RSS from the baseline minute on, by least squares: a replica's RSS
+    swings by several MB with its torch buffers, so a trend shows in the slope of every minute, not in the
+    difference of two."""
+    rows = minutes[BASELINE_MINUTE - 1 :]
+    if len(rows) < 2:
+        return float("nan")
+    return float(np.polyfit([m["minute"] for m in rows], [m[f"rss_mb_{stage}"] for m in rows], 1)[0])
+
+
 def summary(minutes: list[dict], tally: Tally, units: int, redis_after_close: int) -> dict[str, Any]:
     drops = [i for i in range(1, len(tally.tokens)) if tally.tokens[i] < tally.tokens[i - 1]]
     first_roll = drops[0] if drops else len(tally.tokens)
@@ -149,6 +159,7 @@ def summary(minutes: list[dict], tally: Tally, units: int, redis_after_close: in
         "kv_max_before_fill": max(tally.tokens[:first_roll], default=0),
         "kv_max_after_fill": max(tally.tokens[first_roll:], default=0),
         **{f"rss_growth_mb_{s}": last[f"rss_mb_{s}"] - base[f"rss_mb_{s}"] for s in RSS_STAGES},
+        **{f"rss_slope_mb_per_min_{s}": rss_slope(minutes, s) for s in RSS_STAGES},
         "redis_max": max(m["redis_max"] for m in minutes), "redis_after_close": redis_after_close,
         "p95_first_ms": minutes[0]["unit_p95_ms"], "p95_last_ms": last["unit_p95_ms"],
     }  # fmt: skip
