@@ -50,11 +50,12 @@ which the whole box ran 1.7x slower, left out), 11.6, 11.9, 11.3, 12.1 and 11.9 
 and what is freed in an arena stays there, fragmented; with the many threads of a Ray worker (gRPC, the core
 worker, Serve's loops) a replica's RSS crept up for as long as it served. Measured on the 2-core box, one live
 session of 3000 tiny units (50 simulated minutes of `minicpmo bench live`), resident memory from minute 2 to 50:
-Gateway +7.9 MB by default, rising steadily (about 2.7 KB per unit), against +1.1 MB with the setting, flat from
-minute 10 on (633.9-634.8 MB); AudioEncoder +3.7 against +1.8 MB; LLMCore swung by 10-20 MB with its torch buffers
-either way, with no trend. tracemalloc inside the Gateway replica saw its Python heap stay at 4.8 MB while RSS rose:
-the allocator kept the memory, no object did. Unit latency was the same within this box's noise (p50 per simulated
-minute 86-126 ms by default, 79-125 ms with the setting).
+Gateway +7.9 MB by default, rising steadily (least-squares slope 9.3 MB per simulated hour from minute 20 on, about
+2.6 KB per unit), against +1.1 MB with the setting, flat from minute 10 on (633.9-634.8 MB, slope -1.0 MB per hour);
+AudioEncoder +3.7 against +1.8 MB; LLMCore swung by 10-20 MB with its torch buffers either way, with no trend after
+its first 10 minutes. tracemalloc inside a Gateway replica saw its Python heap stay at 4-5 MB while its RSS rose by
+14 MB: the allocator kept the memory, no object did. Unit latency was the same within this box's noise (p50 per
+simulated minute 86-126 ms by default, 79-125 ms with the setting).
 """
 
 from __future__ import annotations
