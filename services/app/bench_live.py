@@ -9,7 +9,7 @@ so it has turns like a conversation. The tiny stack's context window (6144 token
 Rows per config:
 - `minute` (one per 60 units): unit latency p50/p95 in that minute; `kv_tokens`, the session's KV tokens at its
   end (GetSession) and `kv_max`, the most any AppendUnit reply reported in it; `rss_mb_<stage>`, the resident
-  memory of the LLMCore, AudioEncoder and Gateway replicas (sum over a stage's replicas); `redis_bytes`, the
+  memory of every stage's replicas (summed per stage); `redis_bytes`, the
   Redis memory of the session's keys at its end (`MEMORY USAGE`, exact) and `redis_max`, the most after any unit;
   `errors`, gRPC errors in it (the run goes on after one);
 - `summary`: units and answers done, errors (by status code; must be 0), `kv_rolls` (times the KV shrank: the
@@ -31,13 +31,12 @@ import numpy as np
 import redis
 
 from protos.minicpmo.v1 import omni_pb2
-from services.app.bench import DeployedPath, stats_ms, unit_inputs, unit_request
+from services.app.bench import STAGE_NAMES, DeployedPath, stats_ms, unit_inputs, unit_request
 
 UNITS, QUICK_UNITS = 600, 120
 WINDOW = 60  # units per row: one simulated minute
 ANSWER_EVERY = 50
 ANSWER_TOKENS = 8
-RSS_STAGES = ("LLMCore", "AudioEncoder", "Gateway")
 BASELINE_MINUTE = 2  # RSS growth is measured from the end of this minute (warm-up and first rolls done)
 
 
@@ -92,7 +91,7 @@ def rss_mb(pids: dict[str, list[int]]) -> dict[str, float]:
                 return int(line.split()[1]) / 1024  # kB
         return 0.0
 
-    return {f"rss_mb_{s}": sum(of(p) for p in pids.get(s, [])) for s in RSS_STAGES}
+    return {f"rss_mb_{s}": sum(of(p) for p in pids.get(s, [])) for s in STAGE_NAMES}
 
 
 def redis_bytes(client: redis.Redis, sid: str) -> int:
@@ -158,8 +157,8 @@ def summary(minutes: list[dict], tally: Tally, units: int, redis_after_close: in
         "kv_rolls": len(drops), "kv_window": last["kv_window"],
         "kv_max_before_fill": max(tally.tokens[:first_roll], default=0),
         "kv_max_after_fill": max(tally.tokens[first_roll:], default=0),
-        **{f"rss_growth_mb_{s}": last[f"rss_mb_{s}"] - base[f"rss_mb_{s}"] for s in RSS_STAGES},
-        **{f"rss_slope_mb_per_min_{s}": rss_slope(minutes, s) for s in RSS_STAGES},
+        **{f"rss_growth_mb_{s}": last[f"rss_mb_{s}"] - base[f"rss_mb_{s}"] for s in STAGE_NAMES},
+        **{f"rss_slope_mb_per_min_{s}": rss_slope(minutes, s) for s in STAGE_NAMES},
         "redis_max": max(m["redis_max"] for m in minutes), "redis_after_close": redis_after_close,
         "p95_first_ms": minutes[0]["unit_p95_ms"], "p95_last_ms": last["unit_p95_ms"],
     }  # fmt: skip
