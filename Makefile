@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTO_SRC := $(wildcard protos/minicpmo/v1/*.proto)
 
-.PHONY: setup venv deps proto redis chromium test fuzz run bench k8s-validate lint clean
+.PHONY: setup venv deps proto kernels redis chromium test fuzz run bench k8s-validate lint clean
 
-setup: venv deps proto redis chromium  ## everything a fresh Debian machine needs
+setup: venv deps proto kernels redis chromium  ## everything a fresh Debian machine needs
 
 venv:
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ deps: venv
 # Stubs are generated, not committed: same grpcio-tools (pinned) + same inputs = same files.
 proto: deps
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+
+# The CPU decode attention kernel (C++), built once into torch's extension cache so no replica builds it while serving.
+kernels: deps
+	$(BIN)/python -m services.llm_core.engine.cpu_attention
 
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }

@@ -17,6 +17,9 @@ CPU thread; a step's cost does not depend on the values).
 Answers run with no stop ids and greedy choice so every session produces exactly the same number of tokens
 (random weights would otherwise stop at random); sampling cost is not part of these numbers.
 
+The "decode_attention" column says which attention the decode rows ran: on CPU (float32) our C++ kernel
+(`engine/cpu_attention.py`), else torch per session.
+
 Threads: torch's default (every core) unless `MINICPMO_TORCH_THREADS` is set (a deployed replica uses 1 by
 default, `services.runtime.replica.limit_threads`, because replicas share a node). The "threads" column records
 it. A single decode step is bound by weight reads and barely gains from a second core, while a batched step is
@@ -189,7 +192,8 @@ def bench_config(name: str, device: str, quick: bool) -> list[dict[str, Any]]:
     engine = LLMEngine(model, kv_budget_tokens=max(counts) * per_session, max_batch_tokens=1024, stop_ids=())
     engine.start()
     rows: list[dict[str, Any]] = []
-    head = {"config": name, "device": device, "threads": torch.get_num_threads()}
+    head = {"config": name, "device": device, "threads": torch.get_num_threads(),
+            "decode_attention": "cpu kernel" if engine.runner.attn.kernel else "torch"}  # fmt: skip
     try:
         asyncio.run(decode_run(engine, model, 2, 4))  # warm-up (first-call allocations)
         base = None

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from services.common.config import LLMConfig
+from services.llm_core.engine import cpu_attention
 from services.llm_core.engine.attention import ArenaAttention, SeqSpan
 from services.llm_core.engine.cuda_graphs import (
     KERNEL_BLOCK,
@@ -29,6 +30,15 @@ CFG = LLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_
 @pytest.fixture(scope="module")
 def model() -> LLMModel:
     return random_llm_model(CFG, seed=0)
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def decode_backend(request, monkeypatch) -> str:
+    """CPU decode rows through the C++ kernel (what CPU replicas run) or the per-session torch path (CUDA eager
+    steps, other dtypes, and CPUs where the kernel cannot be built)."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_attention, "usable", lambda kv: False)
+    return request.param
 
 
 def make_arena(block_size: int, num_blocks: int) -> tuple[KVAllocator, KVArena]:
@@ -64,13 +74,14 @@ def decode_logits(model: LLMModel, kv: KVAllocator, attn: ArenaAttention, sids: 
     return model.compute_logits(model.forward(model.embed_tokens(ids), torch.tensor(lens), attn))
 
 
-def test_arena_rows_equal_the_solo_cache(model):
+def test_arena_rows_equal_the_solo_cache(model, decode_backend):
     """Prefill chunks after earlier rows (float causal mask) and decode rows read in place give what a solo run
     gives."""
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(13, CFG.hidden_size, generator=g), torch.randn(7, CFG.hidden_size, generator=g)
     kv, arena = make_arena(block_size=4, num_blocks=32)
     attn = ArenaAttention(arena)
+    assert attn.kernel == (decode_backend == "kernel")
     prefill(model, kv, attn, {"s": a[:5], "t": b})
     kv.reserve("s", 8)  # t sits right after s: s moves
     arena.apply(kv.pop_ops())
@@ -86,7 +97,7 @@ def test_arena_rows_equal_the_solo_cache(model):
     torch.testing.assert_close(decode_logits(model, kv, attn, ["s", "t"], ids)[:1], ref_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_nan_in_a_freed_run_or_another_session_never_reaches_a_row(model):
+def test_nan_in_a_freed_run_or_another_session_never_reaches_a_row(model, decode_backend):
     """Poison the run of a dropped session and the whole KV of a live batch mate with NaN/inf: the other
     sessions' logits of the same step stay bit-exact; the poisoned session's own row is non-finite."""
     g = torch.Generator().manual_seed(2)
