@@ -23,7 +23,10 @@
 namespace {
 
 constexpr int W = 8;  // floats per vector
-constexpr int64_t PREFETCH_ROWS = 32;  // how far ahead of the key rows in use their successors are fetched
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// How far ahead of the key rows in use their successors are fetched (a prefetch never faults, so one past the
+// arena's end is harmless).
+constexpr int64_t PREFETCH_ROWS = 32;
 constexpr int64_t VALUE_BLOCK = 32;  // value rows per block
 typedef float vec __attribute__((vector_size(W * sizeof(float))));
 
@@ -60,11 +63,11 @@ inline vec hsum8(const vec* a) {
 // while all G heads use it, and each head keeps one accumulator per key in registers.
 void head_scores(const float* q, int64_t G, const float* k, int64_t n, int64_t D, float scale, float* scores,
                  int64_t ld) {
-  constexpr int KB = 8;
+  constexpr int KB = W;  // hsum8 reduces W vectors
   int64_t j = 0;
   for (; j + KB <= n; j += KB) {
     const float* kb = k + j * D;
-    for (int64_t line = 0; line < KB * D; line += 16) __builtin_prefetch(kb + PREFETCH_ROWS * D + line);
+    for (int64_t line = 0; line < KB * D; line += 16) /* 16 floats: a cache line */ __builtin_prefetch(kb + PREFETCH_ROWS * D + line);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = q + g * D;
       vec acc[KB] = {};
@@ -154,15 +157,17 @@ at::Tensor decode_scores(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* len = lengths.data_ptr<int64_t>();
   const int64_t L = *std::max_element(len, len + B);
-  at::Tensor scores = at::full({B, H, L}, -std::numeric_limits<float>::infinity(), q.options());
+  at::Tensor scores = at::empty({B, H, L}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   float* sp = scores.data_ptr<float>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / Hkv, h = t % Hkv;
+      float* sb = sp + (b * H + h * G) * L;
       head_scores(qp + (b * H + h * G) * D, G, kp + h * k.stride(0) + off[b] * D, len[b], D,
-                  static_cast<float>(scale), sp + (b * H + h * G) * L, L);
+                  static_cast<float>(scale), sb, L);
+      for (int64_t g = 0; g < G; ++g) std::fill(sb + g * L + len[b], sb + (g + 1) * L, -kInf);  // shorter rows
     }
   });
   return scores;
