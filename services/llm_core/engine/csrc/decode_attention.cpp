@@ -67,7 +67,8 @@ void head_scores(const float* q, int64_t G, const float* k, int64_t n, int64_t D
   int64_t j = 0;
   for (; j + KB <= n; j += KB) {
     const float* kb = k + j * D;
-    for (int64_t line = 0; line < KB * D; line += 16) /* 16 floats: a cache line */ __builtin_prefetch(kb + PREFETCH_ROWS * D + line);
+    for (int64_t line = 0; line < KB * D; line += 16)  // 16 floats: a cache line
+      __builtin_prefetch(kb + PREFETCH_ROWS * D + line);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = q + g * D;
       vec acc[KB] = {};
