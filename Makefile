@@ -23,7 +23,7 @@ proto: deps
 
 # The CPU decode attention kernel (C++), built once into torch's extension cache so no replica builds it while serving.
 kernels: deps
-	$(BIN)/python -m services.llm_core.engine.cpu_attention
+	$(BIN)/minicpmo build-kernels
 
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }

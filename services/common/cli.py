@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("services.client.cli", "register_chat"),
     "session": ("services.client.cli", "register_session"),
     "bench": ("services.common.bench", "register_cli"),
+    "build-kernels": ("services.llm_core.engine.cpu_attention", "register_cli"),
 }
 
 

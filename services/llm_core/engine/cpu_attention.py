@@ -3,15 +3,17 @@ session's keys where they live in the arena (`csrc/decode_attention.cpp` says wh
 
 The kernel is compiled on first use by torch's extension builder (g++ and ninja; ~20 s) and cached under
 `TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions), which also serialises concurrent builds of several
-replicas; `make setup` and the image build run `python -m services.llm_core.engine.cpu_attention` so that no
-replica builds it while serving. Where it cannot be built, `load` says why, once, and CPU decode rows run the
-per-session torch path (`services.llm_core.model.sequence_attention`), which gives the same results more slowly.
+replicas; `make setup` and the image build run `minicpmo build-kernels` so that no replica builds it while
+serving. Where it cannot be built, `load` says why, once, and CPU decode rows run the per-session torch path
+(`services.llm_core.model.sequence_attention`), which gives the same results more slowly.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import platform
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -60,8 +62,15 @@ def decode_attention(
     return torch.ops.minicpmo.decode_values(torch.softmax(scores, dim=-1), v, offsets, lengths)
 
 
-if __name__ == "__main__":  # `make setup`, the image build: compile now, not in a serving replica
+def register_cli(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="build the CPU decode attention kernel now (make setup, the image build)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO)
     if not load():
-        raise SystemExit("could not build the CPU decode attention kernel (see the warning above)")
+        print("could not build the CPU decode attention kernel (see the warning above)", file=sys.stderr)
+        return 1
     print(f"CPU decode attention kernel ready ({SOURCE.name})")
+    return 0
