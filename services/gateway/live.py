@@ -407,15 +407,19 @@ class LiveSessions:
                 await self.records.end_answer(sid, answer_id, final_turn)
 
     async def _take_turn(self, transition: Callable[[], Awaitable[T]]) -> T:
-        """A turn transition that an answer in progress refuses. That answer is either running (then the call is
-        refused once its lease would have run out) or dead with its gateway (its lease runs out and the turn is
-        taken over): so wait, bounded by one lease period."""
+        """A turn transition that an answer in progress refuses. That answer is either running or dead with its
+        gateway. A running one renews its lease every HEARTBEAT_S: once a refusal shows a lease renewed since the
+        first one, the call is refused (within about one heartbeat). A dead one never renews: its lease runs out and
+        the turn is taken over. So poll, bounded by one lease period."""
         deadline = time.monotonic() + self.records.answer_lease_s + 1.0
+        first_lease: float | None = None
         while True:
             try:
                 return await transition()
-            except InvalidTurn:
-                if time.monotonic() > deadline:
+            except InvalidTurn as e:
+                first_lease = e.lease_deadline if first_lease is None else first_lease
+                renewed = e.lease_deadline is not None and first_lease is not None and e.lease_deadline > first_lease
+                if renewed or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.25)  # polling the lease of a possibly dead answer (bounded above)
 

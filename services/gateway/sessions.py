@@ -46,7 +46,14 @@ TURN_STATES = ("idle", "user_turn", "answering", "interrupted", "answered")
 
 
 class InvalidTurn(FailedPrecondition):
-    """A turn transition that the conversation state does not allow (e.g. Respond while an answer runs)."""
+    """A turn transition that the conversation state does not allow (e.g. Respond while an answer runs).
+
+    `lease_deadline`: when the running answer refused the transition, the end of its lease as last renewed (a
+    later refusal with a later deadline shows that answer alive: it renewed meanwhile)."""
+
+    def __init__(self, message: str, lease_deadline: float | None = None):
+        super().__init__(message)
+        self.lease_deadline = lease_deadline
 
 
 class SessionQuotaExceeded(ResourceExhausted):
@@ -114,7 +121,7 @@ return 1
 """
 
 # A turn change. ARGV: ttl, now, new turn, allowed previous turns (space separated), answer id ('' = none),
-# lease seconds, mode -> previous turn, or error 'GONE' / 'TURN <prev>'.
+# lease seconds, mode -> previous turn, or error 'GONE' / 'TURN <prev> <answer lease deadline>'.
 #   mode 'set':   allowed transition, or the answering turn's lease has expired (its answer is dead: the
 #                 previous turn comes back as 'answering', and the caller stops that answer)
 #   mode 'begin': as 'set', and the new answering turn is leased to the answer id
@@ -131,7 +138,7 @@ if mode == 'end' then
 elseif mode ~= 'force' then
   local allowed = string.find(' ' .. ARGV[4] .. ' ', ' ' .. prev .. ' ', 1, true)
   local dead_answer = prev == 'answering' and deadline < now
-  if not allowed and not dead_answer then return redis.error_reply('TURN ' .. prev) end
+  if not allowed and not dead_answer then return redis.error_reply('TURN ' .. prev .. ' ' .. (h[3] or '0')) end
 end
 redis.call('HSET', KEYS[1], 'turn', ARGV[3], 'updated_at', ARGV[2])
 if mode == 'begin' then
@@ -145,7 +152,7 @@ return prev
 
 # Live input of one AppendUnit call, with the user turn started when it begins one. ARGV: ttl, now, start turn
 # (0/1), lease unused, pcm, frame, units, the version it replaces -> previous turn ('' when not starting), or error
-# 'GONE' / 'STALE' (the stored version is another) / 'TURN <prev>'.
+# 'GONE' / 'STALE' (the stored version is another) / 'TURN <prev> <answer lease deadline>'.
 _LUA_INPUT = LUA_REFRESH + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('GONE') end
 local version = tonumber(ARGV[8])
@@ -155,7 +162,7 @@ if ARGV[3] == '1' then
   local h = redis.call('HMGET', KEYS[1], 'turn', 'answer_deadline')
   prev = h[1]
   if prev == 'answering' then
-    if tonumber(h[2] or '0') >= tonumber(ARGV[2]) then return redis.error_reply('TURN ' .. prev) end
+    if tonumber(h[2] or '0') >= tonumber(ARGV[2]) then return redis.error_reply('TURN ' .. prev .. ' ' .. h[2]) end
     redis.call('HDEL', KEYS[1], 'answer_id', 'answer_deadline')
   end
   redis.call('HSET', KEYS[1], 'turn', 'user_turn')
@@ -182,8 +189,10 @@ _ALLOWED_BEFORE = {"answering": "idle user_turn answered interrupted"}
 class SessionRecords:
     """The gateway's session records (see the module doc)."""
 
+    DEFAULT_ANSWER_LEASE_S = 3.0  # a few of the running answer's heartbeats (live.HEARTBEAT_S)
+
     def __init__(self, client: aioredis.Redis, namespace: str = "minicpmo", ttl_s: int = 600,
-                 answer_lease_s: float = 3.0) -> None:  # fmt: skip
+                 answer_lease_s: float = DEFAULT_ANSWER_LEASE_S) -> None:  # fmt: skip
         if ttl_s < 1:
             raise InvalidArgument(f"ttl_s must be >= 1 second, got {ttl_s}")
         self.client = client
@@ -344,7 +353,9 @@ def _turn_error(err: Exception, session_id: str) -> Exception:
     if msg == "STALE":
         return StaleLiveInput(f"session {session_id} was served by another gateway replica meanwhile; retry")
     if msg.startswith("TURN"):
+        deadline = msg.split()[2:3]
         return InvalidTurn(
-            f"session {session_id} is answering: Interrupt the running answer first (or wait for it to end)"
+            f"session {session_id} is answering: Interrupt the running answer first (or wait for it to end)",
+            lease_deadline=float(deadline[0]) if deadline else None,
         )
     return err

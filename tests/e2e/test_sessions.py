@@ -14,6 +14,7 @@ import redis
 
 from protos.minicpmo.v1 import omni_pb2
 from services.client.sdk import audio_msg, generation_options
+from services.gateway.sessions import SessionRecords
 from services.gateway.stages import RayStages
 from tests.e2e.driver import local_driver
 from tests.e2e.media import chunks, image_bytes, wav
@@ -77,13 +78,16 @@ def test_interrupt_then_new_turn(client, unit_inputs):
     pcm, frames = unit_inputs
     sid = client.create_session().session_id
     feed_units(client, sid, pcm, frames)
-    long = 1500  # seconds of decoding even for the tiny model: the answer is surely still running below
+    long = 1500  # ~4 s of decoding for the tiny model here: the answer is still running below
     stream = client.respond_stream(sid, greedy(long, min_new=long))
     first = next(stream)  # the answer is running
     assert first.WhichOneof("event") in ("text_delta", "audio", "final")
+    asked = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:  # one answer at a time per session
         client.respond(sid, greedy(2))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # refused once the running answer renewed its lease (a heartbeat a second), not after waiting the lease out
+    assert time.monotonic() - asked < SessionRecords.DEFAULT_ANSWER_LEASE_S
     assert client.interrupt(sid).was_responding
     rest = [first, *stream]
     final = rest[-1].final

@@ -202,11 +202,15 @@ async def test_turns_and_the_answer_lease(records):
     assert await records.save_input(sid, LiveInput(), start_turn=True) == "idle"
     assert await records.save_input(sid, LiveInput(version=1), start_turn=True) == "user_turn"
     assert await records.begin_answer(sid, "a1") == "user_turn"
-    with pytest.raises(InvalidTurn, match="Interrupt"):
+    with pytest.raises(InvalidTurn, match="Interrupt") as first:
         await records.begin_answer(sid, "a2")  # the answer a1 is running
-    with pytest.raises(InvalidTurn):
+    with pytest.raises(InvalidTurn) as same:
         await records.save_input(sid, LiveInput(version=2), start_turn=True)
+    assert first.value.lease_deadline is not None and same.value.lease_deadline == first.value.lease_deadline
     assert await records.heartbeat(sid, "a1") and not await records.heartbeat(sid, "a2")
+    with pytest.raises(InvalidTurn) as renewed:  # a refusal after a heartbeat shows a1 alive: a later deadline
+        await records.begin_answer(sid, "a2")
+    assert renewed.value.lease_deadline > first.value.lease_deadline
     assert await records.end_answer(sid, "a1", "answered")
     assert (await records.get(sid)).turn == "answered"
     assert not await records.end_answer(sid, "a1", "interrupted")  # it no longer holds the turn
