@@ -72,5 +72,8 @@ def test_reads_outside_the_arena_are_refused():
         cpu_attention.decode_attention(q, k, v, torch.tensor([60]), torch.tensor([5]))
     with pytest.raises(RuntimeError, match="outside the arena"):
         cpu_attention.decode_attention(q, k, v, torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="no rows"):
+        none = torch.tensor([], dtype=torch.long)
+        cpu_attention.decode_attention(q[:0], k, v, none, none)
     with pytest.raises(RuntimeError, match="float32"):
         cpu_attention.decode_attention(q.double(), k, v, torch.tensor([0]), torch.tensor([5]))

@@ -142,6 +142,7 @@ int64_t check_args(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
   TORCH_CHECK(offsets.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && offsets.is_contiguous() &&
                   lengths.is_contiguous() && offsets.numel() == q.size(0) && lengths.numel() == q.size(0),
               "decode attention: offsets and lengths must be int64 with one entry per row");
+  TORCH_CHECK(q.size(0) > 0, "decode attention: no rows");
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < q.size(0); ++b) {
@@ -149,6 +150,14 @@ int64_t check_args(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
                 " reads keys [", off[b], ", ", off[b] + len[b], ") outside the arena's ", kv.size(1), " rows");
   }
   return q.size(1) / kv.size(0);
+}
+
+// f(b, h) for every row b and KV head h, split over torch's intra-op threads (one with a replica's default).
+template <typename F>
+void for_each_kv_head(int64_t B, int64_t Hkv, const F& f) {
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) f(t / Hkv, t % Hkv);
+  });
 }
 
 at::Tensor decode_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& offsets,
@@ -162,14 +171,11 @@ at::Tensor decode_scores(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   float* sp = scores.data_ptr<float>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / Hkv, h = t % Hkv;
-      float* sb = sp + (b * H + h * G) * L;
-      head_scores(qp + (b * H + h * G) * D, G, kp + h * k.stride(0) + off[b] * D, len[b], D,
-                  static_cast<float>(scale), sb, L);
-      for (int64_t g = 0; g < G; ++g) std::fill(sb + g * L + len[b], sb + (g + 1) * L, -kInf);  // shorter rows
-    }
+  for_each_kv_head(B, Hkv, [&](int64_t b, int64_t h) {
+    float* sb = sp + (b * H + h * G) * L;
+    head_scores(qp + (b * H + h * G) * D, G, kp + h * k.stride(0) + off[b] * D, len[b], D,
+                static_cast<float>(scale), sb, L);
+    for (int64_t g = 0; g < G; ++g) std::fill(sb + g * L + len[b], sb + (g + 1) * L, -kInf);  // shorter rows
   });
   return scores;
 }
@@ -187,12 +193,9 @@ at::Tensor decode_values(const at::Tensor& p, const at::Tensor& v, const at::Ten
   const float* pp = p.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / Hkv, h = t % Hkv;
-      head_values(pp + (b * H + h * G) * L, L, G, vp + h * v.stride(0) + off[b] * D, len[b], D,
-                  op + (b * H + h * G) * D);
-    }
+  for_each_kv_head(B, Hkv, [&](int64_t b, int64_t h) {
+    head_values(pp + (b * H + h * G) * L, L, G, vp + h * v.stride(0) + off[b] * D, len[b], D,
+                op + (b * H + h * G) * D);
   });
   return out;
 }
