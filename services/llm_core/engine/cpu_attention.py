@@ -32,6 +32,8 @@ _X86_FLAGS = ["-mavx2", "-mfma"]
 def load() -> bool:
     """Build (or find the cached build of) the kernel and register its ops; False where it cannot be built or
     this CPU cannot run it."""
+    # Its import warns, on a machine without a GPU, that no CUDA runtime exists: true, and irrelevant to a CPU kernel.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.cpp_extension import load as build
 
     x86 = platform.machine() in ("x86_64", "AMD64")
