@@ -417,9 +417,11 @@ class LiveSessions:
             try:
                 return await transition()
             except InvalidTurn as e:
-                first_lease = e.lease_deadline if first_lease is None else first_lease
-                renewed = e.lease_deadline is not None and first_lease is not None and e.lease_deadline > first_lease
-                if renewed or time.monotonic() > deadline:
+                if first_lease is None:
+                    first_lease = e.lease_deadline
+                elif e.lease_deadline is not None and e.lease_deadline > first_lease:
+                    raise  # the answer renewed its lease since the first refusal: it is running
+                if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.25)  # polling the lease of a possibly dead answer (bounded above)
 

@@ -10,7 +10,6 @@ from services.llm_core.engine import cpu_attention
 from services.llm_core.model import sequence_attention
 
 
-
 def test_the_kernel_builds_here():
     """`make setup` builds it; every CPU test of the engine relies on it being there."""
     assert cpu_attention.load()

@@ -55,9 +55,11 @@ class ArenaAttention:
         self.spans = [s for s in spans if s.n > 1] if self.kernel else spans
         self.masks = [causal_mask(s.n, s.start + s.n, dtype, device) if s.n > 1 and s.start else None
                       for s in self.spans]  # fmt: skip
-        self.decode_rows = torch.tensor([s.row for s in decodes], dtype=torch.long) if decodes else None
-        self.decode_offsets = torch.tensor([s.offset for s in decodes], dtype=torch.long)
-        self.decode_lengths = torch.tensor([s.start + 1 for s in decodes], dtype=torch.long)
+        self.decode_rows = None
+        if decodes:
+            self.decode_rows = torch.tensor([s.row for s in decodes], dtype=torch.long)
+            self.decode_offsets = torch.tensor([s.offset for s in decodes], dtype=torch.long)
+            self.decode_lengths = torch.tensor([s.start + 1 for s in decodes], dtype=torch.long)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.arena.write(layer, self.rows, k, v)
