@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, function taking (subparsers, name) and registering its parser with set_defaults(func=...))
@@ -36,6 +37,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from services.app.serve_env import TORCH_ENV  # imports neither torch nor Ray
+
+    for key, value in TORCH_ENV.items():  # before any subcommand imports torch, which reads them as it loads
+        os.environ.setdefault(key, value)
     args = build_parser(argv).parse_args(argv)
     import grpc  # client subcommands raise RpcError; show the status, not a traceback
 
