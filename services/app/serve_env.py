@@ -64,8 +64,8 @@ A decode step streams every weight and every session's keys once, far more than 
 tables cover in 4 KiB pages. Measured on the 2-core box, small config, 16 sessions, 1 thread, decode steps at
 256 and 4096 tokens of context interleaved in one process (`minicpmo bench llm`'s context rows), runs alternating
 without and with: step at 256 81-87 ms -> 73-74 ms, at 4096 169-190 -> 140-147 ms, step ratio 2.08, 2.28, 2.09 ->
-1.95, 1.92, 1.92. The CLI applies it to its own process too (`services.common.cli`), where the benchmarks run
-their in-process stages.
+1.95, 1.92, 1.92. The CLI applies it to its own process too (`services.runtime.torch_env`), where the benchmarks
+run their in-process stages.
 """
 
 from __future__ import annotations
@@ -73,9 +73,7 @@ from __future__ import annotations
 import os
 
 from services.app.redis_server import free_port
-
-# What every process that runs torch is given: the replicas (through SERVE_ENV) and the CLI (before it imports torch).
-TORCH_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+from services.runtime.torch_env import TORCH_ENV
 
 SERVE_ENV = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",

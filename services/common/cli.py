@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
+
+from services.runtime.torch_env import use_torch_env
 
 # name -> (module, function taking (subparsers, name) and registering its parser with set_defaults(func=...))
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -37,10 +38,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from services.app.serve_env import TORCH_ENV  # imports neither torch nor Ray
-
-    for key, value in TORCH_ENV.items():  # before any subcommand imports torch, which reads them as it loads
-        os.environ.setdefault(key, value)
+    use_torch_env()  # before any subcommand imports torch
     args = build_parser(argv).parse_args(argv)
     import grpc  # client subcommands raise RpcError; show the status, not a traceback
 

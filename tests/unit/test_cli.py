@@ -57,3 +57,33 @@ def test_missing_or_non_audio_files_exit_with_a_message(tmp_path, content) -> No
     with pytest.raises(SystemExit) as done:
         read_audio(path)
     assert str(path) in str(done.value) and ("no such file" in str(done.value) or "not a readable" in str(done.value))
+
+
+def test_cli_processes_put_large_tensors_on_huge_pages_where_the_kernel_allows() -> None:
+    """The CLI sets torch's huge-page switch before torch loads (benchmarks run stages in the CLI process, and
+    measure what the replicas run). A fresh process, since this one loaded torch long ago."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import os\n"
+        "from services.common import cli\n"
+        "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "import torch\n"
+        "t = torch.ones(32 << 20, dtype=torch.uint8)\n"
+        "huge = [l for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')][0]\n"
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), int(huge.split()[1]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, check=True)
+    switch, huge_kb = done.stdout.splitlines()[-1].split()
+    assert switch == "1"
+    mode = re.search(r"\[(\w+)\]", Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()).group(1)
+    if mode in ("madvise", "always"):
+        assert int(huge_kb) >= 16 << 10  # most of the 32 MiB tensor
+    else:
+        assert int(huge_kb) == 0
