@@ -129,6 +129,11 @@ def median_run(engine: LLMEngine, model: LLMModel, sessions: int, new_tokens: in
     return {**runs[len(runs) // 2], "reps": reps}
 
 
+def whole_blocks(tokens: int) -> int:
+    """`tokens` rounded up to whole arena blocks (what a session's run of that many tokens holds)."""
+    return -(-tokens // KERNEL_BLOCK) * KERNEL_BLOCK
+
+
 def fill_context(engine: LLMEngine, session_id: str, tokens: int, room: int, gen: torch.Generator) -> None:
     """Give a new session `tokens` rows of random KV, straight into the arena (before the engine starts), in a run
     of `room` rows held for it, as LLMCore holds a live session's whole limit, so that its growth never moves it.
@@ -177,7 +182,7 @@ def bench_context(model: LLMModel, head: dict[str, Any], quick: bool) -> list[di
     grows = warm_up_tokens + rounds * new_tokens
     engines, sids = {}, {}
     for ctx in CONTEXT_TOKENS:
-        per_session = -(-(ctx + grows) // KERNEL_BLOCK) * KERNEL_BLOCK  # whole arena blocks
+        per_session = whole_blocks(ctx + grows)
         engines[ctx] = LLMEngine(
             model, CONTEXT_SESSIONS * per_session, max_batch_tokens=1024, stop_ids=(), max_session_tokens=per_session
         )
@@ -211,7 +216,7 @@ def bench_config(name: str, device: str, quick: bool) -> list[dict[str, Any]]:
     new_tokens = 8 if quick else 32
     reps = 1 if quick else 3
     counts = SESSION_COUNTS
-    per_session = -(-(PROMPT_TOKENS + 11 + new_tokens) // KERNEL_BLOCK) * KERNEL_BLOCK  # whole arena blocks
+    per_session = whole_blocks(PROMPT_TOKENS + 11 + new_tokens)
     engine = LLMEngine(model, kv_budget_tokens=max(counts) * per_session, max_batch_tokens=1024, stop_ids=())
     engine.start()
     rows: list[dict[str, Any]] = []
