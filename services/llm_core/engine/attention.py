@@ -43,8 +43,8 @@ class ArenaAttention:
         self.spans: list[SeqSpan] = []  # the sequences attended one by one
         self.masks: list[torch.Tensor | None] = []
         self.rows = torch.empty(0, dtype=torch.long)
-        self.decode_rows: torch.Tensor | None = None  # batch rows of the kernel's decode rows, if any
-        self.decode_offsets = self.decode_lengths = self.rows
+        # the kernel's decode rows, if any: (their batch rows, their sessions' arena offsets, their key counts)
+        self.decodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def prepare(self, spans: list[SeqSpan]) -> None:
         """Set up for a batch whose rows are `spans`, in row order (masks are built once, not per layer)."""
@@ -55,22 +55,23 @@ class ArenaAttention:
         self.spans = [s for s in spans if s.n > 1] if self.kernel else spans
         self.masks = [causal_mask(s.n, s.start + s.n, dtype, device) if s.n > 1 and s.start else None
                       for s in self.spans]  # fmt: skip
-        self.decode_rows = None
+        self.decodes = None
         if decodes:
-            self.decode_rows = torch.tensor([s.row for s in decodes], dtype=torch.long)
-            self.decode_offsets = torch.tensor([s.offset for s in decodes], dtype=torch.long)
-            self.decode_lengths = torch.tensor([s.start + 1 for s in decodes], dtype=torch.long)
+            self.decodes = (
+                torch.tensor([s.row for s in decodes], dtype=torch.long),
+                torch.tensor([s.offset for s in decodes], dtype=torch.long),
+                torch.tensor([s.start + 1 for s in decodes], dtype=torch.long),
+            )
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.arena.write(layer, self.rows, k, v)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
-        if self.decode_rows is not None:
-            out[self.decode_rows] = cpu_attention.decode_attention(
-                q[self.decode_rows], self.arena.k[layer], self.arena.v[layer], self.decode_offsets,
-                self.decode_lengths,
-            )  # fmt: skip
+        if self.decodes is not None:
+            rows, offsets, lengths = self.decodes
+            k, v = self.arena.k[layer], self.arena.v[layer]
+            out[rows] = cpu_attention.decode_attention(q[rows], k, v, offsets, lengths)
         for s, mask in zip(self.spans, self.masks):
             k, v = self.arena.keys(layer, s.offset, s.start + s.n)
             out[s.row : s.row + s.n] = sequence_attention(q[s.row : s.row + s.n], k, v, mask)
