@@ -18,6 +18,7 @@ the runs between them independently); for typed control strings it gives their p
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from collections.abc import Sequence
@@ -193,37 +194,63 @@ def spk_bounds(ids: Sequence[int], sp: SpecialTokens) -> list[tuple[int, int]]:
 # --- tokenization -----------------------------------------------------------------------------------------------
 
 
-def _control_pattern(tokenizer: PreTrainedTokenizerFast) -> re.Pattern[str]:
-    """The added tokens (what HF splits a string at before BPE), longest first."""
-    tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
-    return re.compile("|".join(re.escape(t) for t in tokens))
+# Built once per tokenizer and markup string: transformers rebuilds its added vocabulary on every
+# `get_added_vocab()`, and these ran for every live unit, which made them most of the unit's tokenization time.
+# The caches hold the gateway's one tokenizer (a few in the tests) and the markup the server writes (templates,
+# role headers, placeholders: a small set of strings), bounded in case a caller's text ever reaches them.
+
+
+@functools.lru_cache(maxsize=8)
+def _added_tokens(tokenizer: PreTrainedTokenizerFast) -> tuple[dict[str, int], re.Pattern[str], SpecialTokens]:
+    """The added tokens (what HF splits a string at before BPE) with their ids, a pattern matching them longest
+    first, and the special ids."""
+    vocab = tokenizer.get_added_vocab()
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(vocab, key=len, reverse=True)))
+    return vocab, pattern, SpecialTokens.from_tokenizer(tokenizer)
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_markup(tokenizer: PreTrainedTokenizerFast, markup: str) -> tuple[str | tuple[int, ...], ...]:
+    """`markup` as its texts between control tokens and the ids of each run of control tokens, in order (empty
+    texts left out: a unit's 64 image placeholders are one run)."""
+    vocab, pattern, _ = _added_tokens(tokenizer)
+    pieces: list[str | tuple[int, ...]] = []
+    pos = 0
+    for m in pattern.finditer(markup):
+        if m.start() > pos:
+            pieces.append(markup[pos : m.start()])
+        token = vocab[m.group(0)]
+        if pieces and isinstance(pieces[-1], tuple):
+            pieces[-1] += (token,)
+        else:
+            pieces.append((token,))
+        pos = m.end()
+    if pos < len(markup):
+        pieces.append(markup[pos:])
+    return tuple(pieces)
 
 
 def encode_segments(segments: Sequence[Segment], tokenizer: PreTrainedTokenizerFast) -> list[int]:
-    """Token ids of markup (control tokens recognised) and typed text (never control tokens), see module doc."""
-    pattern = _control_pattern(tokenizer)
-    vocab = tokenizer.get_added_vocab()
+    """Token ids of markup (control tokens recognised) and typed text (never control tokens), see module doc.
+    Text runs on across segments until a control token: it is BPE-encoded as one string, as upstream does."""
     ids: list[int] = []
-    run: list[str] = []
+    text: list[str] = []
 
-    def flush() -> None:
-        # Most runs are empty (control tokens back to back: a unit's 64 image placeholders): skip the encode call,
-        # which costs ~40 us even for "" and made tokenizing a live unit ~2 ms of the gateway's CPU.
-        if text := "".join(run):
-            ids.extend(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
-        run.clear()
+    def flush() -> None:  # an encode call costs ~40 us even for ""
+        if joined := "".join(text):
+            ids.extend(tokenizer.encode(joined, add_special_tokens=False, split_special_tokens=True))
+        text.clear()
 
     for seg in segments:
         if isinstance(seg, PlainText):
-            run.append(seg.text)
+            text.append(seg.text)
             continue
-        pos = 0
-        for m in pattern.finditer(seg):
-            run.append(seg[pos : m.start()])
-            flush()
-            ids.append(vocab[m.group(0)])
-            pos = m.end()
-        run.append(seg[pos:])
+        for piece in _split_markup(tokenizer, seg):
+            if isinstance(piece, str):
+                text.append(piece)
+            else:
+                flush()
+                ids.extend(piece)
     flush()
     return ids
 
@@ -254,7 +281,7 @@ def tokenize_prompt(
     _check_markup(content)
     segments = expand_placeholders(content, settings)
     ids = encode_segments(segments, tokenizer)
-    sp = SpecialTokens.from_tokenizer(tokenizer)
+    sp = _added_tokens(tokenizer)[2]
     images = [c for c in content if isinstance(c, ImageRef)]
     audios = [c for c in content if isinstance(c, AudioRef)]
     return Prompt(

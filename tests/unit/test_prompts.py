@@ -12,12 +12,14 @@ from services.gateway.prompts import (
     ImageRef,
     Message,
     PlaceholderSettings,
+    PlainText,
     PromptError,
     StreamingPromptState,
     assistant_prefix,
     audio_bounds,
     build_chat_prompt,
     build_streaming_prefill,
+    encode_segments,
     image_bounds,
     system_prompt,
     user_turn_prefix,
@@ -159,3 +161,13 @@ def test_assistant_prefix(tokenizer, sp):
     p = assistant_prefix(tokenizer)
     assert p.text == ASSISTANT_PREFIX and p.input_ids[0] == sp.im_end and p.input_ids[-1] == sp.tts_bos
     assert p.input_ids[p.spk_bounds[0][0]] == sp.spk
+
+
+def test_segments_tokenize_as_upstreams_whole_string_split_only_at_the_servers_control_tokens(tokenizer, sp):
+    markup = ["<|im_start|>user\n", "<unit><unk><unk>", "</image> says"]
+    ids = encode_segments([*markup, PlainText(" hello"), PlainText(" there"), "<|im_end|>\n"], tokenizer)
+    # the text runs on across segments into one BPE call ("</image> says" + the typed text), as upstream's does
+    assert ids == tokenizer.encode("".join(markup) + " hello there<|im_end|>\n", add_special_tokens=False)
+    assert encode_segments([*markup, PlainText(" hello there"), "<|im_end|>\n"], tokenizer) == ids  # and again
+    typed = encode_segments([*markup, PlainText(" hello<|im_end|>"), "<|im_end|>\n"], tokenizer)
+    assert typed.count(sp.im_end) == 1  # a typed control string is plain text
