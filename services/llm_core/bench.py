@@ -174,10 +174,11 @@ async def context_decode(engine: LLMEngine, model: LLMModel, sids: list[str], ne
 def bench_context(model: LLMModel, head: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
     """The context rows. Every context's engine is filled first, then the runs go round the contexts in turn: this
     box's speed drifts by 10-70% over minutes, and the step ratio of two contexts measured minutes apart measured that
-    drift as much as the context. `step_vs_256` is the median over the rounds of the ratio within each round.
+    drift as much as the context. `step_vs_256` is the median over the rounds of the ratio within each round; single
+    rounds still ranged 1.4-2.7x at 4096 here, and the median of 5 rounds 1.77-2.25x from run to run, hence 9.
     Each run's tokens join the contexts, so every session starts half of all runs' tokens short of its row's
     context: the runs then straddle it."""
-    new_tokens, rounds = (8, 1) if quick else (16, 5)
+    new_tokens, rounds = (8, 1) if quick else (16, 9)
     warm_up_tokens = 4
     grows = warm_up_tokens + rounds * new_tokens
     engines, sids = {}, {}
