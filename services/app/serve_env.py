@@ -57,15 +57,15 @@ its first 10 minutes. tracemalloc inside a Gateway replica saw its Python heap s
 14 MB: the allocator kept the memory, no object did. Unit latency was the same within this box's noise (p50 per
 simulated minute 86-126 ms by default, 79-125 ms with the setting).
 
-`THP_MEM_ALLOC_ENABLE=1` (torch reads it once, early: it must be set before torch is imported): torch's CPU allocator asks the kernel for 2 MiB
-transparent huge pages (`madvise`) for every tensor of 2 MiB or more, i.e. the weights, their oneDNN-prepacked
-copies and the KV arena; a node whose THP mode is `never` ignores it, one whose mode is `always` has them anyway.
-A decode step streams every weight and every session's keys once, far more than the TLB and the caches of page
-tables cover in 4 KiB pages. Measured on the 2-core box, small config, 16 sessions, 1 thread, decode steps at
-256 and 4096 tokens of context interleaved in one process (`minicpmo bench llm`'s context rows), four runs
-alternating without and with: step at 256 87.2, 81.4 ms -> 73.3, 74.4 ms; at 4096 190.0, 168.9 -> 140.3, 146.9 ms;
-step ratio 2.28, 2.09 -> 1.92, 1.92 (two single runs before them: 2.08 without, 1.95 with). The CLI applies it to
-its own process too (`services.runtime.torch_env`), where the benchmarks run their in-process stages.
+`THP_MEM_ALLOC_ENABLE=1` (torch reads it once, early: it must be set before torch is imported): torch's CPU
+allocator asks the kernel for 2 MiB transparent huge pages (`madvise`) for every tensor of 2 MiB or more, i.e. the
+weights, their oneDNN-prepacked copies and the KV arena; a node whose THP mode is `never` ignores it, one whose mode
+is `always` has them anyway. A decode step streams every weight and every session's keys once, far more than the TLB
+and the caches of page tables cover in 4 KiB pages. Measured on the 2-core box, small config, 16 sessions, 1 thread,
+decode steps at 256 and 4096 tokens of context interleaved in one process (`minicpmo bench llm`'s context rows),
+four runs alternating without and with: step at 256 87.2, 81.4 ms -> 73.3, 74.4 ms; at 4096 190.0, 168.9 -> 140.3,
+146.9 ms; step ratio 2.28, 2.09 -> 1.92, 1.92 (two single runs before them: 2.08 without, 1.95 with). The CLI
+applies it to its own process too (`services.runtime.torch_env`), where the benchmarks run their in-process stages.
 """
 
 from __future__ import annotations
