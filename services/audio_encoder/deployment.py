@@ -33,6 +33,7 @@ from services.common.tensor_codec import from_proto, to_proto
 from services.runtime import metrics
 from services.runtime.autoscaling import SESSION_LOAD
 from services.runtime.batching import Batcher, each_alone_on_error, result_of
+from services.runtime.direct import DirectReplica
 from services.runtime.errors import ReplicaFull
 from services.runtime.ownership import Fence, OwnershipStore
 from services.runtime.replica import device_alive, limit_threads, off_loop, replica_dtype, reports_startup
@@ -51,8 +52,9 @@ class StreamsFull(ReplicaFull):
 
 
 @serve.deployment(name="AudioEncoder")
-class AudioEncoder(SessionStage, SessionAffinityReplica):
+class AudioEncoder(SessionStage, DirectReplica, SessionAffinityReplica):
     role = "audio"
+    direct_methods = {"Encode": audio_pb2.EncodeAudioRequest, "EncodeChunk": audio_pb2.EncodeChunkRequest}
 
     @reports_startup
     def __init__(
@@ -162,8 +164,9 @@ class AudioEncoder(SessionStage, SessionAffinityReplica):
         return state, results
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metrics: the session load the autoscaling policy scales on."""
-        return {SESSION_LOAD: len(self.streams) / self.max_live_streams}
+        """Serve's custom autoscaling metrics: the session load the autoscaling policy scales on, and the direct
+        calls in flight (which Serve does not count)."""
+        return {SESSION_LOAD: len(self.streams) / self.max_live_streams, **self.direct_stats()}
 
     def check_health(self) -> None:
         device_alive(self.device)

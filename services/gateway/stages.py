@@ -14,11 +14,16 @@ A call in flight on a replica that dies fails with ActorDiedError / ActorUnavail
 retry it; the session-affinity router sends the retry to the session's new owner, which rebuilds the session
 from its replay log first. Retries are safe because every logged request carries an id its stage recognises
 (`services.runtime.session_stage`): one the old owner logged before dying is answered, not applied twice.
+
+The live unit's calls (the encoders, LLMCore's prefill) go to the replica Serve chose over that replica's own
+gRPC server (`services.runtime.direct`; one lost there is sent again through Serve, and fails here as above);
+the other calls (streams, the TTS, cleanup) go through the handles.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -26,7 +31,8 @@ from typing import Any, TypeVar
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from protos.minicpmo.v1 import audio_pb2, llm_pb2, tts_pb2, vision_pb2
+from protos.minicpmo.v1 import audio_pb2, llm_pb2, tensor_pb2, tts_pb2, vision_pb2
+from services.runtime.direct import DirectCalls
 from services.runtime.replica import detached, with_own_transport
 
 T = TypeVar("T")
@@ -38,23 +44,34 @@ _BACKGROUND: set[asyncio.Task] = set()  # cleanup calls in flight (kept referenc
 
 
 class Piece:
-    """An encoder call whose response an LLMCore call takes as an argument (embeddings go encoder -> LLMCore
-    directly). It starts at once; a retried LLMCore call asks the encoder again, since the first response may be
-    the very failure that failed the call (the encoder replica died before replying). Asking again is safe:
-    offline encoding is stateless and a streaming chunk carries a request id its replica recognises."""
+    """An encoder call whose embeddings an LLMCore call takes as an argument. It starts at once, as a task of its
+    own (a fresh Serve request context: see `detached`); a retried LLMCore call asks the encoder again, since the
+    first answer may be the very failure that failed the call (the encoder replica died before replying). Asking
+    again is safe: offline encoding is stateless and a streaming chunk carries a request id its replica
+    recognises."""
 
-    def __init__(self, call: Callable[[], Any]):
+    def __init__(self, call: Callable[[], Awaitable[tensor_pb2.Embeddings]]):
         self.call = call
-        self.response = detached(call)
+        self.response = self._start()
 
-    def again(self) -> Any:
-        self.response = detached(self.call)
+    def again(self) -> asyncio.Task:
+        self.response = self._start()
         return self.response
 
+    def _start(self) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(self.call(), context=contextvars.Context())
+        task.add_done_callback(_retrieved)  # a failure the LLMCore call never awaited is not "never retrieved"
+        return task
 
-def _responses(pieces: list[Piece], attempt: int) -> list[Any]:
-    """The encoder responses to pass on attempt `attempt` (asked again after a failure)."""
-    return [p.response if attempt == 0 else p.again() for p in pieces]
+
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _inputs(pieces: list[Piece], attempt: int) -> list[tensor_pb2.Embeddings]:
+    """The encoders' embeddings for attempt `attempt` of an LLMCore call (asked again after a failure)."""
+    return list(await asyncio.gather(*(p.response if attempt == 0 else p.again() for p in pieces)))
 
 
 def _backoff(attempt: int) -> float:
@@ -109,17 +126,19 @@ class RayStages:
 
     def __init__(self, vision: Any, audio: Any, llm: Any, tts: Any):
         self.vision, self.audio, self.llm, self.tts = (with_own_transport(h) for h in (vision, audio, llm, tts))
+        self.direct = DirectCalls()
 
-    # --- encoders (their responses go straight into an LLM call) ------------------------------------------------
+    # --- encoders (their embeddings go into an LLM call) ----------------------------------------------------------
 
     def encode_images(self, request: vision_pb2.EncodeImagesRequest) -> Piece:
-        return Piece(partial(self.vision.Encode.remote, request))
+        return Piece(partial(self.direct.call, self.vision, "Encode", request, tensor_pb2.Embeddings))
 
     def encode_audio(self, request: audio_pb2.EncodeAudioRequest) -> Piece:
-        return Piece(partial(self.audio.Encode.remote, request))
+        return Piece(partial(self.direct.call, self.audio, "Encode", request, tensor_pb2.Embeddings))
 
     def encode_chunk(self, request: audio_pb2.EncodeChunkRequest) -> Piece:
-        return Piece(partial(self.audio.options(session_id=request.session_id).EncodeChunk.remote, request))
+        audio = self.audio.options(session_id=request.session_id)
+        return Piece(partial(self.direct.call, audio, "EncodeChunk", request, tensor_pb2.Embeddings))
 
     async def open_stream(self, session_id: str) -> None:
         audio = self.audio.options(session_id=session_id)
@@ -130,17 +149,22 @@ class RayStages:
 
     async def prefill(self, request: llm_pb2.PrefillRequest, pieces: list[Piece]) -> llm_pb2.PrefillResponse:
         llm = self.llm.options(session_id=request.session_id)
-        return await retried(
-            f"LLMCore Prefill of {request.session_id}",
-            lambda attempt: detached(llm.Prefill.remote, request, *_responses(pieces, attempt)),
-        )
+
+        async def attempt_prefill(attempt: int) -> llm_pb2.PrefillResponse:
+            inputs = await _inputs(pieces, attempt)
+            return await self.direct.call(llm, "Prefill", request, llm_pb2.PrefillResponse, inputs)
+
+        return await retried(f"LLMCore Prefill of {request.session_id}", attempt_prefill)
 
     def generate(self, request: llm_pb2.GenerateRequest, pieces: list[Piece]) -> AsyncIterator[llm_pb2.GenerateEvent]:
         llm = self.llm.options(session_id=request.session_id)
-        return retried_stream(
-            f"LLMCore Generate of {request.session_id}",
-            lambda attempt: detached(llm.Generate.options(stream=True).remote, request, *_responses(pieces, attempt)),
-        )
+
+        async def attempt_generate(attempt: int) -> AsyncIterator[llm_pb2.GenerateEvent]:
+            inputs = await _inputs(pieces, attempt)
+            async for event in detached(llm.Generate.options(stream=True).remote, request, *inputs):
+                yield event
+
+        return retried_stream(f"LLMCore Generate of {request.session_id}", attempt_generate)
 
     async def interrupt(self, session_id: str) -> bool:
         llm = self.llm.options(session_id=session_id)

@@ -44,6 +44,7 @@ from services.llm_core.engine.cuda_graphs import KERNEL_BLOCK
 from services.llm_core.model import load_llm_model
 from services.runtime import metrics
 from services.runtime.autoscaling import SESSION_LOAD
+from services.runtime.direct import DirectReplica
 from services.runtime.errors import InvalidArgument, Unavailable
 from services.runtime.ownership import Fence, OwnershipStore, SessionLimitExceeded
 from services.runtime.replica import limit_threads, replica_dtype, reports_startup
@@ -107,8 +108,9 @@ def _answer_events(answer: replay_pb2.LoggedAnswer, prompt_tokens: int) -> list[
 
 
 @serve.deployment(name="LLMCore")
-class LLMCore(SessionStage, SessionAffinityReplica):
+class LLMCore(SessionStage, DirectReplica, SessionAffinityReplica):
     role = "llm"
+    direct_methods = {"Prefill": llm_pb2.PrefillRequest}
 
     @reports_startup
     def __init__(
@@ -152,8 +154,10 @@ class LLMCore(SessionStage, SessionAffinityReplica):
         metrics.LIVE_SESSION_CAPACITY.set(self.admission.live_sessions)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metrics: the session load the autoscaling policy scales on."""
-        return {SESSION_LOAD: self.admission.session_load(self.engine.stats()["kv_tokens_promised"])}
+        """Serve's custom autoscaling metrics: the session load the autoscaling policy scales on, and the direct
+        calls in flight (which Serve does not count)."""
+        load = self.admission.session_load(self.engine.stats()["kv_tokens_promised"])
+        return {SESSION_LOAD: load, **self.direct_stats()}
 
     def _start_reporting(self) -> None:
         if self._reporter is None:

@@ -18,6 +18,10 @@ target leaves room for the sessions that arrive while a new replica starts (load
 GPU): with 0.75, a scale-up begins once the replicas are three quarters full on average. A new session that finds
 its replica full is placed again under another id (`services.gateway.live`), so it lands on a replica with room.
 
+Serve counts the requests its handles send; the live unit's calls go to the replicas directly
+(`services.runtime.direct`), so the replicas also report those in flight (`DIRECT_ONGOING`) and the request-based
+part counts them too. A stateless stage (VisionEncoder) uses this policy for that alone: it reports no session load.
+
 Serve config::
 
     autoscaling_config:
@@ -35,6 +39,8 @@ from typing import Any
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingContext
 
+from services.runtime.direct import DIRECT_ONGOING
+
 SESSION_LOAD = "session_load"
 
 
@@ -50,6 +56,23 @@ class SessionLoadPolicy:
         self.target_session_load = float(target_session_load)
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[float, dict[str, Any]]:
-        by_requests, state = replica_queue_length_autoscaling_policy(ctx)
+        by_requests, state = replica_queue_length_autoscaling_policy(with_direct_calls(ctx))
         loads = (ctx.aggregated_metrics or {}).get(SESSION_LOAD, {})
         return max(by_requests, replicas_for(sum(loads.values()), self.target_session_load)), state
+
+
+def with_direct_calls(ctx: AutoscalingContext) -> AutoscalingContext:
+    """`ctx` with the direct calls its replicas reported in flight added to its ongoing requests."""
+    direct = sum(((ctx.aggregated_metrics or {}).get(DIRECT_ONGOING) or {}).values())
+    if not direct:
+        return ctx
+    return AutoscalingContext(
+        deployment_id=ctx.deployment_id, deployment_name=ctx.deployment_name, app_name=ctx.app_name,
+        current_num_replicas=ctx.current_num_replicas, target_num_replicas=ctx.target_num_replicas,
+        running_replicas=ctx.running_replicas, total_num_requests=ctx.total_num_requests + direct,
+        total_queued_requests=ctx.total_queued_requests, aggregated_metrics=ctx.aggregated_metrics,
+        raw_metrics=lambda: ctx.raw_metrics, capacity_adjusted_min_replicas=ctx.capacity_adjusted_min_replicas,
+        capacity_adjusted_max_replicas=ctx.capacity_adjusted_max_replicas, policy_state=ctx.policy_state,
+        last_scale_up_time=ctx.last_scale_up_time, last_scale_down_time=ctx.last_scale_down_time,
+        current_time=ctx.current_time, config=ctx.config,
+    )  # fmt: skip

@@ -13,6 +13,7 @@ from protos.minicpmo.v1 import tensor_pb2, vision_pb2
 from services.common.tensor_codec import to_proto
 from services.runtime import metrics
 from services.runtime.batching import Batcher, each_alone_on_error, result_of
+from services.runtime.direct import DirectReplica
 from services.runtime.replica import device_alive, limit_threads, replica_dtype, reports_startup
 from services.vision_encoder.encoder import EncodedImage, ImageEmbedder
 
@@ -24,7 +25,9 @@ def _embeddings(encoded: list[EncodedImage]) -> tensor_pb2.Embeddings:
 
 
 @serve.deployment(name="VisionEncoder")
-class VisionEncoder:
+class VisionEncoder(DirectReplica):
+    direct_methods = {"Encode": vision_pb2.EncodeImagesRequest}
+
     @reports_startup
     def __init__(self, model_dir: str, device: str = "cpu", batch_size: int | None = None):
         limit_threads()

@@ -207,15 +207,17 @@ def test_each_llm_replica_admits_the_live_sessions_its_header_promises(config_na
     assert policy.live_sessions == LIVE_SESSIONS[config_name]
 
 
-def test_a_stage_holding_live_sessions_that_may_scale_scales_on_them():
+def test_a_stage_that_may_scale_counts_its_sessions_and_direct_calls():
     """Requests in flight say little about live sessions (they hold state between units): an LLMCore or AudioEncoder
-    deployment with room to add replicas must also count the sessions, or it never scales for them."""
+    deployment with room to add replicas must also count the sessions, or it never scales for them. And Serve does
+    not count the live unit's calls, which go to the encoders and LLMCore directly (`services.runtime.direct`): a
+    VisionEncoder with room to scale counts them through the same policy."""
     from services.runtime.autoscaling import SessionLoadPolicy
 
     scaling = {(config, name): _deployments(_load(config))[name]["autoscaling_config"]
-               for config in CONFIGS for name in ("LLMCore", "AudioEncoder")}  # fmt: skip
+               for config in CONFIGS for name in ("LLMCore", "AudioEncoder", "VisionEncoder")}  # fmt: skip
     scalable = {key: s for key, s in scaling.items() if s["max_replicas"] > s["min_replicas"]}
-    assert {("multi-node", "LLMCore"), ("multi-node", "AudioEncoder")} <= set(scalable)
+    assert {("multi-node", "LLMCore"), ("multi-node", "AudioEncoder"), ("multi-node", "VisionEncoder")} <= set(scalable)
     for key, s in scalable.items():
         assert _import(s["policy"]["policy_function"]) is SessionLoadPolicy, key
         SessionLoadPolicy(**s["policy"].get("policy_kwargs", {}))

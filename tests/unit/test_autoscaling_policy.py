@@ -1,4 +1,4 @@
-"""LLMCore's autoscaling policy (pure: a Serve AutoscalingContext in, the replicas it asks for out)."""
+"""The stages' autoscaling policy (pure: a Serve AutoscalingContext in, the replicas it asks for out)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import pytest
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from services.runtime.autoscaling import SESSION_LOAD, SessionLoadPolicy, replicas_for
+from services.runtime.direct import DIRECT_ONGOING
 
 
-def context(replicas: int, requests: float, loads: list[float] | None) -> AutoscalingContext:
+def context(replicas: int, requests: float, loads: list[float] | None, direct: list[float] = ()) -> AutoscalingContext:
     config = AutoscalingConfig(min_replicas=1, max_replicas=16, target_ongoing_requests=10)
     metrics = None if loads is None else {SESSION_LOAD: {f"replica-{i}": load for i, load in enumerate(loads)}}
+    if direct:
+        metrics = {**(metrics or {}), DIRECT_ONGOING: {f"replica-{i}": n for i, n in enumerate(direct)}}
     return AutoscalingContext(
         deployment_id=None, deployment_name="LLMCore", app_name="minicpmo", current_num_replicas=replicas,
         target_num_replicas=replicas, running_replicas=[], total_num_requests=requests, total_queued_requests=0,
@@ -32,6 +35,14 @@ def test_requests_still_scale_beyond_what_the_sessions_need():
     policy = SessionLoadPolicy(target_session_load=0.75)
     assert policy(context(2, requests=60, loads=[0.1, 0.1]))[0] == pytest.approx(6.0)  # 60 / 10 per replica
     assert policy(context(2, requests=60, loads=None))[0] == pytest.approx(6.0), "no replica has reported yet"
+
+
+def test_calls_sent_to_the_replicas_directly_count_as_requests():
+    """Serve counts only what its handles sent; the live unit's calls go to the replicas directly."""
+    policy = SessionLoadPolicy(target_session_load=0.75)
+    assert policy(context(2, requests=20, loads=None, direct=[25.0, 15.0]))[0] == pytest.approx(6.0)  # 60 / 10
+    assert policy(context(1, requests=0, loads=None, direct=[30.0]))[0] == pytest.approx(3.0), "a stateless stage"
+    assert policy(context(2, requests=20, loads=None, direct=[0.0, 0.0]))[0] == pytest.approx(2.0)
 
 
 def test_replicas_for_rounds_up_without_float_noise():
