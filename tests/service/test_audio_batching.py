@@ -72,7 +72,7 @@ async def test_a_replica_takes_on_at_most_max_live_streams_and_a_dropped_one_mak
         sids = [(await records.create(key_hash("k"), "omni", "en")).session_id for _ in range(4)]
         opened = await encoder.OpenStream(audio_pb2.OpenStreamRequest(session_id=sids[0]))
         assert (opened.live_streams, opened.max_live_streams) == (1, 2)
-        assert encoder.record_autoscaling_stats() == {"session_load": 0.5}
+        assert encoder.record_autoscaling_stats() == {"session_load": 0.5, "direct_ongoing": 0.0}
         pcm = (np.random.default_rng(1).standard_normal(16000) * 0.1).astype(np.float32)
         # two more sessions at once (a first chunk rebuilds the stream): exactly one finds room
         results = await asyncio.gather(*(encoder.EncodeChunk(chunk(sid, pcm, f"{sid}-0")) for sid in sids[1:3]),
@@ -80,7 +80,8 @@ async def test_a_replica_takes_on_at_most_max_live_streams_and_a_dropped_one_mak
         refused = [r for r in results if isinstance(r, BaseException)]
         assert len(refused) == 1 and isinstance(refused[0], StreamsFull) and isinstance(refused[0], ReplicaFull)
         assert "2 live streams, its max_live_streams" in str(refused[0])
-        assert len(encoder.streams) == 2 and encoder.record_autoscaling_stats() == {"session_load": 1.0}
+        assert len(encoder.streams) == 2
+        assert encoder.record_autoscaling_stats() == {"session_load": 1.0, "direct_ongoing": 0.0}
         with pytest.raises(StreamsFull):
             await encoder.OpenStream(audio_pb2.OpenStreamRequest(session_id=sids[3]))
         await encoder.DropStream(audio_pb2.DropStreamRequest(session_id=sids[0]))
