@@ -33,14 +33,13 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from protos.minicpmo.v1 import audio_pb2, llm_pb2, tensor_pb2, tts_pb2, vision_pb2
 from services.runtime.direct import DirectCalls
-from services.runtime.replica import detached, with_own_transport
+from services.runtime.replica import detached, in_background, with_own_transport
 
 T = TypeVar("T")
 log = logging.getLogger("ray.serve")
 STAGE_DIED = (ActorDiedError, ActorUnavailableError)
 RETRIES = 8  # attempts of one call, backing off to ~10 s in all: a replica restart
 CLEANUP_TIMEOUT_S = 3.0
-_BACKGROUND: set[asyncio.Task] = set()  # cleanup calls in flight (kept referenced until they end)
 
 
 class Piece:
@@ -116,9 +115,7 @@ async def _bounded(what: str, call: Awaitable[Any]) -> None:
 
 def cleanup(what: str, call: Awaitable[Any]) -> None:
     """Fire a best-effort release call in the background: bounded in time, never raises, never waited for."""
-    task = asyncio.get_running_loop().create_task(_bounded(what, call))
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
+    in_background(_bounded(what, call))
 
 
 class RayStages:

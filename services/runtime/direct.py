@@ -30,7 +30,6 @@ What Serve no longer sees for these calls, and what stands in for it:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import pickle
 import time
@@ -39,10 +38,11 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from ray.util import get_node_ip_address
 
 from protos.minicpmo.v1 import direct_pb2, tensor_pb2
 from services.runtime.errors import Internal, ServingError
-from services.runtime.replica import detached
+from services.runtime.replica import detached, in_background
 
 DIRECT_KEY = "direct"  # the replica metadata entry holding the replica's direct address
 DIRECT_ONGOING = "direct_ongoing"  # the custom autoscaling metric: direct calls in flight on the replica
@@ -119,13 +119,11 @@ class DirectReplica:
     _direct: DirectServer | None = None
 
     async def record_replica_metadata(self) -> dict[str, Any]:
-        import ray
-
         base = getattr(super(), "record_replica_metadata", None)
         metadata = dict(base()) if base is not None else {}
         if self._direct is None:
             self._direct = DirectServer(self, self.direct_methods)
-        metadata[DIRECT_KEY] = await self._direct.start(ray.util.get_node_ip_address())
+        metadata[DIRECT_KEY] = await self._direct.start(get_node_ip_address())
         return metadata
 
     def direct_stats(self) -> dict[str, float]:
@@ -182,7 +180,7 @@ class DirectCalls:
         self._lost[address] = now
         channel = self._channels.pop(address, None)
         if channel is not None:
-            asyncio.get_running_loop().create_task(channel.close())
+            in_background(channel.close())
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)

@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,6 +18,7 @@ import torch
 
 T = TypeVar("T")
 log = logging.getLogger("ray.serve")
+_BACKGROUND: set[asyncio.Task] = set()  # tasks started by `in_background` that have not ended yet
 
 
 def replica_dtype(device: str) -> torch.dtype:
@@ -48,6 +49,15 @@ def detached(fn: Callable[..., T], *args) -> T:
     request being served. Ray Serve tags a call made while serving a request with that request's ids, and two
     calls with the same ids that overlap on one replica do not both get through."""
     return contextvars.Context().run(fn, *args)
+
+
+def in_background(coro: Coroutine) -> asyncio.Task:
+    """`coro` run as a task nobody awaits, referenced here until it ends (the event loop holds its tasks only
+    weakly, so an unreferenced one may be collected before it finishes)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return task
 
 
 def with_own_transport(handle: T) -> T:
