@@ -26,11 +26,18 @@ What Serve no longer sees for these calls, and what stands in for it:
   request id its stage recognises. Serve's router learns that a replica died only from a call it sent itself,
   and a pick-only choice never sends one, so calls to an address lost this way go through Serve for a while
   (`LOST_FOR_S`), until the router has dropped that replica.
+
+Ports: each replica's server takes a free port of `MINICPMO_DIRECT_PORTS` (default 25000-25999), bound exclusively.
+Not an OS-chosen port: those come from the kernel's ephemeral range, where Serve hands its ingress replicas their
+own gRPC ports (40000-41000) and binds them with SO_REUSEPORT, as gRPC does by default; a replacement Gateway
+given a port one of our servers held would share it, and take half of the connections meant for that stage.
+The default range lies below the ephemeral range and apart from Ray's and Serve's own.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import time
 from collections.abc import Sequence
@@ -50,6 +57,9 @@ SERVICE = "minicpmo.v1.Direct"
 LOST_FOR_S = 60.0  # an address lost under a call is called through Serve this long (its router drops it meanwhile)
 _MAX_MESSAGE = 256 << 20  # a frame's slices or a long clip's embeddings, never near it
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
+_SERVER_OPTIONS = [*_CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]  # the port is ours alone (module doc: Ports)
+PORTS_ENV = "MINICPMO_DIRECT_PORTS"
+DEFAULT_PORTS = "25000-25999"
 M = TypeVar("M", bound=Message)
 log = logging.getLogger("ray.serve")
 
@@ -65,6 +75,32 @@ def _pickled(error: Exception) -> bytes:
         return pickle.dumps(Internal(f"{type(error).__name__}: {error}"))
 
 
+def direct_ports() -> range:
+    """The ports replicas serve direct calls on: `MINICPMO_DIRECT_PORTS`, "first-last"."""
+    spec = os.environ.get(PORTS_ENV, DEFAULT_PORTS)
+    try:
+        first, last = (int(p) for p in spec.split("-"))
+    except ValueError:
+        raise ValueError(f"{PORTS_ENV}={spec!r}: expected a port range such as {DEFAULT_PORTS}") from None
+    if not 0 < first <= last < 65536:
+        raise ValueError(f"{PORTS_ENV}={spec!r}: expected a port range such as {DEFAULT_PORTS}")
+    return range(first, last + 1)
+
+
+def _bind(server: grpc.aio.Server) -> int:
+    """Bind `server` on every interface to the first free port of `direct_ports()`, searched from a point set by
+    the process id, so that replicas starting together on one node rarely try the same ports."""
+    ports = direct_ports()
+    start = os.getpid() % len(ports)
+    for i in range(len(ports)):
+        port = ports[(start + i) % len(ports)]
+        try:
+            return server.add_insecure_port(f"0.0.0.0:{port}")
+        except RuntimeError:  # taken (gRPC logs the bind error)
+            continue
+    raise RuntimeError(f"no free port for direct calls in {ports.start}-{ports.stop - 1}; widen {PORTS_ENV}")
+
+
 class DirectServer:
     """The gRPC server a replica runs beside Serve's: `methods` (name -> request type) of `target`, each an async
     method taking its request message and then any `Embeddings` inputs, called on the replica's own event loop."""
@@ -77,13 +113,14 @@ class DirectServer:
         self._server: grpc.aio.Server | None = None
 
     async def start(self, host: str) -> str:
-        """Serve on a free port of every interface (callers run on other nodes); the address callers use."""
+        """Serve on a free port of `direct_ports()` on every interface (callers run on other nodes); the address
+        callers use."""
         if self.address is None:
-            server = grpc.aio.server(options=_CHANNEL_OPTIONS)
+            server = grpc.aio.server(options=_SERVER_OPTIONS)
             handlers = {name: grpc.unary_unary_rpc_method_handler(self._handler(name, request_type))
                         for name, request_type in self.methods.items()}  # fmt: skip
             server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
-            port = server.add_insecure_port("0.0.0.0:0")
+            port = _bind(server)
             await server.start()
             self._server, self.address = server, f"{host}:{port}"
         return self.address

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 import torch
 
 from protos.minicpmo.v1 import llm_pb2, tensor_pb2
 from services.common.tensor_codec import from_proto, to_proto
-from services.runtime.direct import DirectCallLost, DirectCalls, DirectServer
+from services.runtime.direct import PORTS_ENV, DirectCallLost, DirectCalls, DirectServer, direct_ports
 from services.runtime.errors import Internal, NotFound
 
 
@@ -109,3 +110,48 @@ def test_a_replica_gone_under_a_call_is_a_lost_call_to_retry():
             await calls.send(address, "Prefill", llm_pb2.PrefillRequest(), llm_pb2.PrefillResponse)
 
     served(test)
+
+
+def test_a_replica_holds_its_port_alone(monkeypatch):
+    """Serve binds its ingress replicas' gRPC ports with SO_REUSEPORT (gRPC's default): a Gateway given a port a
+    stage's direct server held would share it and take half its connections. Ours binds exclusively: neither side
+    can join the other."""
+
+    async def run():
+        holder = grpc.aio.server()  # as Serve binds: SO_REUSEPORT
+        port = holder.add_insecure_port("0.0.0.0:0")
+        await holder.start()
+        monkeypatch.setenv(PORTS_ENV, f"{port}-{port}")
+        with pytest.raises(RuntimeError, match=f"no free port for direct calls in {port}-{port}"):
+            await DirectServer(Stage(), METHODS).start("127.0.0.1")
+        await holder.stop(grace=None)
+
+        server = DirectServer(Stage(), METHODS)
+        assert await server.start("127.0.0.1") == f"127.0.0.1:{port}"
+        try:
+            with pytest.raises(RuntimeError, match="Failed to bind"):
+                grpc.aio.server().add_insecure_port(f"0.0.0.0:{port}")
+        finally:
+            await server.stop()
+
+    asyncio.run(run())
+
+
+def test_replicas_on_one_node_take_different_ports_of_the_range():
+    async def run():
+        servers = [DirectServer(Stage(), METHODS) for _ in range(3)]
+        try:
+            ports = [int((await s.start("127.0.0.1")).rsplit(":", 1)[1]) for s in servers]
+        finally:
+            for s in servers:
+                await s.stop()
+        assert len(set(ports)) == 3 and all(p in direct_ports() for p in ports)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("spec", ["25000", "a-b", "26000-25000", "0-10", "65000-70000"])
+def test_a_bad_port_range_says_what_is_expected(monkeypatch, spec):
+    monkeypatch.setenv(PORTS_ENV, spec)
+    with pytest.raises(ValueError, match=f"{PORTS_ENV}='{spec}': expected a port range such as 25000-25999"):
+        direct_ports()
