@@ -52,10 +52,23 @@ def kill_all(deployment: str) -> set[str]:
     return set(names)
 
 
+def running(deployment: str) -> int:
+    """Replicas of `deployment` (any application) that Serve's controller counts as RUNNING."""
+    from ray import serve
+
+    return sum(
+        app.deployments[deployment].replica_states.get("RUNNING", 0)
+        for app in serve.status().applications.values()
+        if deployment in app.deployments
+    )
+
+
 def wait_for_replacement(deployment: str, old: set[str], timeout_s: float = 120.0) -> float:
-    """Seconds until a replica of `deployment` that is not in `old` is up (polling the actor table)."""
+    """Seconds until replicas of `deployment` that are not in `old` run in their place: started, and RUNNING in
+    Serve's view (constructed and passing health checks), as many as were killed (polling the actor table and the
+    controller)."""
     started = time.monotonic()
-    while not set(replicas(deployment)) - old:
+    while len(set(replicas(deployment)) - old) < len(old) or running(deployment) < len(old):
         assert time.monotonic() - started < timeout_s, f"no replacement {deployment} replica"
-        time.sleep(0.1)  # polling Ray's actor table
+        time.sleep(0.1)  # polling Ray's actor table and Serve's status
     return time.monotonic() - started

@@ -70,6 +70,17 @@ def admitted(client) -> str | None:
         return None
 
 
+def routed_without_application(served) -> bool:
+    """Whether Serve's ingress routes a call without `application` metadata: it does while it serves one app."""
+    with MiniCPMOClient(served.target, api_key=served.keys[0]) as client:
+        try:
+            client.close_session(client.create_session().session_id)
+            return True
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND and "Application metadata not set" in e.details(), e
+            return False
+
+
 def test_live_sessions_scale_llmcore_up_and_new_sessions_land_on_the_replica_with_room(served, golden):
     serve.run(scaling_app(served), name=SCALING, route_prefix="/session-scaling")
     opened: dict[str, MiniCPMOClient] = {}
@@ -109,4 +120,6 @@ def test_live_sessions_scale_llmcore_up_and_new_sessions_land_on_the_replica_wit
             for sid, client in opened.items():
                 client.close_session(sid)
     finally:
-        serve.delete(SCALING)  # back to one app: clients without `application` metadata reach it again
+        serve.delete(SCALING)  # back to one app: clients without `application` metadata reach it again, once
+        # the ingress has its new routes (the tests after this one use such clients)
+        wait_for("calls without application metadata to be routed", lambda: routed_without_application(served))
