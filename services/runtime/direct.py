@@ -25,7 +25,8 @@ What Serve no longer sees for these calls, and what stands in for it:
   Sending it again is safe for the reason those retries are: each of these calls is stateless or carries a
   request id its stage recognises. Serve's router learns that a replica died only from a call it sent itself,
   and a pick-only choice never sends one, so calls to an address lost this way go through Serve for a while
-  (`LOST_FOR_S`), until the router has dropped that replica.
+  (`LOST_FOR_S`), until the router has dropped that replica. A call names the replica it is for: the one
+  that took a dead replica's port refuses it as lost.
 
 Ports: each replica's server takes a free port of `MINICPMO_DIRECT_PORTS` (default 25000-25999), bound exclusively.
 Not an OS-chosen port: those come from the kernel's ephemeral range, where Serve hands its ingress replicas their
@@ -45,6 +46,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from ray import serve
 from ray.util import get_node_ip_address
 
 from protos.minicpmo.v1 import direct_pb2, tensor_pb2
@@ -102,12 +104,14 @@ def _bind(server: grpc.aio.Server) -> int:
 
 
 class DirectServer:
-    """The gRPC server a replica runs beside Serve's: `methods` (name -> request type) of `target`, each an async
-    method taking its request message and then any `Embeddings` inputs, called on the replica's own event loop."""
+    """The gRPC server replica `replica_id` runs beside Serve's: `methods` (name -> request type) of `target`, each an
+    async method taking its request message and then any `Embeddings` inputs, called on the replica's own event
+    loop."""
 
-    def __init__(self, target: Any, methods: dict[str, type[Message]]):
+    def __init__(self, target: Any, methods: dict[str, type[Message]], replica_id: str):
         self.target = target
         self.methods = methods
+        self.replica_id = replica_id
         self.ongoing = 0
         self.address: str | None = None
         self._server: grpc.aio.Server | None = None
@@ -132,10 +136,12 @@ class DirectServer:
     def _handler(self, name: str, request_type: type[Message]):
         method = getattr(self.target, name)
 
-        async def handle(raw: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            call = direct_pb2.DirectCall.FromString(raw)
+            if call.replica != self.replica_id:  # meant for a replica that died: this one took its port since
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {call.replica} is gone from this port")
             self.ongoing += 1
             try:
-                call = direct_pb2.DirectCall.FromString(raw)
                 reply = await method(request_type.FromString(call.request), *call.inputs)
                 return direct_pb2.DirectReply(reply=reply.SerializeToString()).SerializeToString()
             except Exception as e:
@@ -159,7 +165,8 @@ class DirectReplica:
         base = getattr(super(), "record_replica_metadata", None)
         metadata = dict(base()) if base is not None else {}
         if self._direct is None:
-            self._direct = DirectServer(self, self.direct_methods)
+            replica_id = serve.get_replica_context().replica_id.unique_id  # as the callers' routers name it
+            self._direct = DirectServer(self, self.direct_methods, replica_id)
         metadata[DIRECT_KEY] = await self._direct.start(get_node_ip_address())
         return metadata
 
@@ -182,22 +189,23 @@ class DirectCalls:
                    inputs: Sequence[tensor_pb2.Embeddings] = ()) -> M:  # fmt: skip
         bound = getattr(handle, method)
         async with bound.choose_replica(request, _reserve=False) as chosen:
-            address = chosen.replica_metadata.get(DIRECT_KEY)
+            address, replica_id = chosen.replica_metadata.get(DIRECT_KEY), chosen.replica_id
         if address is not None and not self._recently_lost(address):
             try:
-                return await self.send(address, method, request, reply_type, inputs)
+                return await self.send(address, replica_id, method, request, reply_type, inputs)
             except DirectCallLost as e:
                 log.warning("%s; sending it again through Serve", e)
         return await detached(bound.remote, request, *inputs)
 
-    async def send(self, address: str, method: str, request: Message, reply_type: type[M],
+    async def send(self, address: str, replica_id: str, method: str, request: Message, reply_type: type[M],
                    inputs: Sequence[tensor_pb2.Embeddings] = ()) -> M:  # fmt: skip
-        """`method` on the replica serving direct calls at `address`: its reply, or the error it raised."""
-        payload = direct_pb2.DirectCall(request=request.SerializeToString(), inputs=inputs).SerializeToString()
+        """`method` on replica `replica_id`, serving direct calls at `address`: its reply, or the error it raised."""
+        call = direct_pb2.DirectCall(request=request.SerializeToString(), inputs=inputs, replica=replica_id)
+        payload = call.SerializeToString()
         try:
             raw = await self._channel(address).unary_unary(f"/{SERVICE}/{method}")(payload)
         except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE:
+            if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):  # else: no direct server
                 raise Internal(f"direct call {method} to {address} failed: {e.code().name} {e.details()}") from None
             self._forget(address)
             raise DirectCallLost(f"{method} on {address}: {e.details()}") from None

@@ -34,8 +34,9 @@ def test_a_handle_takes_the_transport_of_the_process_that_calls(served, monkeypa
 
 
 def test_the_live_units_stages_take_calls_directly(served, golden):
-    """The stages of the live unit (encoders, LLMCore's prefill) publish the address of their direct server, and a
-    call Serve's router placed there answers as the same call through Serve does; a stage's error arrives as itself."""
+    """The stages of the live unit (encoders, LLMCore's prefill) publish the address of their direct server, which
+    takes calls for the replica Serve's router names, and answers as the same call through Serve does; a stage's
+    error arrives as itself."""
 
     async def run():
         for name in ("VisionEncoder", "AudioEncoder", "LLMCore"):
@@ -45,7 +46,9 @@ def test_the_live_units_stages_take_calls_directly(served, golden):
         vision = serve.get_deployment_handle("VisionEncoder", APP_NAME)
         request = vision_pb2.EncodeImagesRequest(images=[image_bytes(golden, "image_unit0.png")], max_slice_nums=1)
         calls = DirectCalls()
-        direct = await calls.call(vision, "Encode", request, tensor_pb2.Embeddings)
+        async with vision.Encode.choose_replica(request, _reserve=False) as chosen:
+            address = chosen.replica_metadata[DIRECT_KEY]
+        direct = await calls.send(address, chosen.replica_id, "Encode", request, tensor_pb2.Embeddings)
         through_serve = await vision.Encode.remote(request)
         assert direct.SerializeToString() == through_serve.SerializeToString()
         corrupt = vision_pb2.EncodeImagesRequest(images=[b"\x89PNG not really"], max_slice_nums=1)

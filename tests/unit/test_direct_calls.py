@@ -44,6 +44,12 @@ class Stage:
 
 
 METHODS = {name: llm_pb2.PrefillRequest for name in ("Prefill", "Missing", "Broken", "Slow")}
+REPLICA = "r1"
+
+
+def call(calls: DirectCalls, address: str, method: str, replica: str = REPLICA, **request):
+    """`method` of the stage at `address` with a PrefillRequest, as replica `replica`'s caller sends it."""
+    return calls.send(address, replica, method, llm_pb2.PrefillRequest(**request), llm_pb2.PrefillResponse)
 
 
 def served(test):
@@ -51,7 +57,7 @@ def served(test):
 
     async def run():
         stage = Stage()
-        server = DirectServer(stage, METHODS)
+        server = DirectServer(stage, METHODS, REPLICA)
         address = await server.start("127.0.0.1")
         calls = DirectCalls()
         try:
@@ -65,7 +71,7 @@ def served(test):
 def test_a_reply_comes_back_with_the_inputs_applied():
     async def test(stage, server, calls, address):
         inputs = [tensor_pb2.Embeddings(items=[to_proto(torch.zeros(3, 4)), to_proto(torch.zeros(2, 4))])]
-        reply = await calls.send(address, "Prefill", llm_pb2.PrefillRequest(session_id="abcd"),
+        reply = await calls.send(address, REPLICA, "Prefill", llm_pb2.PrefillRequest(session_id="abcd"),
                                  llm_pb2.PrefillResponse, inputs)  # fmt: skip
         assert reply.kv_len == 4 + 5
         assert server.ongoing == 0
@@ -76,10 +82,10 @@ def test_a_reply_comes_back_with_the_inputs_applied():
 def test_a_stage_error_arrives_as_itself_and_a_bug_as_internal():
     async def test(stage, server, calls, address):
         with pytest.raises(NotFound, match="session s1 does not exist"):
-            await calls.send(address, "Missing", llm_pb2.PrefillRequest(session_id="s1"), llm_pb2.PrefillResponse)
+            await call(calls, address, "Missing", session_id="s1")
         with pytest.raises(Internal, match="Unpicklable: a bug"):
-            await calls.send(address, "Broken", llm_pb2.PrefillRequest(), llm_pb2.PrefillResponse)
-        reply = await calls.send(address, "Prefill", llm_pb2.PrefillRequest(session_id="ok"), llm_pb2.PrefillResponse)
+            await call(calls, address, "Broken")
+        reply = await call(calls, address, "Prefill", session_id="ok")
         assert reply.kv_len == 2, "the server still serves after both"
 
     served(test)
@@ -87,8 +93,7 @@ def test_a_stage_error_arrives_as_itself_and_a_bug_as_internal():
 
 def test_calls_in_flight_are_counted_for_autoscaling():
     async def test(stage, server, calls, address):
-        slow = [asyncio.create_task(calls.send(address, "Slow", llm_pb2.PrefillRequest(), llm_pb2.PrefillResponse))
-                for _ in range(3)]  # fmt: skip
+        slow = [asyncio.create_task(call(calls, address, "Slow")) for _ in range(3)]
         while server.ongoing < 3:
             await asyncio.sleep(0.01)  # the server takes them as they arrive
         stage.release.set()
@@ -100,14 +105,24 @@ def test_calls_in_flight_are_counted_for_autoscaling():
 
 def test_a_replica_gone_under_a_call_is_a_lost_call_to_retry():
     async def test(stage, server, calls, address):
-        pending = asyncio.create_task(calls.send(address, "Slow", llm_pb2.PrefillRequest(), llm_pb2.PrefillResponse))
+        pending = asyncio.create_task(call(calls, address, "Slow"))
         while server.ongoing < 1:
             await asyncio.sleep(0.01)
         await server.stop()  # the replica's process ends: its server goes with it
         with pytest.raises(DirectCallLost):
             await pending
         with pytest.raises(DirectCallLost):  # and nothing listens there any more
-            await calls.send(address, "Prefill", llm_pb2.PrefillRequest(), llm_pb2.PrefillResponse)
+            await call(calls, address, "Prefill")
+
+    served(test)
+
+
+def test_a_call_for_a_replica_whose_port_another_took_is_lost():
+    async def test(stage, server, calls, address):
+        with pytest.raises(DirectCallLost, match="replica r0 is gone from this port"):
+            await call(calls, address, "Prefill", replica="r0")
+        assert server.ongoing == 0
+        assert (await call(calls, address, "Prefill", session_id="ok")).kv_len == 2
 
     served(test)
 
@@ -123,10 +138,10 @@ def test_a_replica_holds_its_port_alone(monkeypatch):
         await holder.start()
         monkeypatch.setenv(PORTS_ENV, f"{port}-{port}")
         with pytest.raises(RuntimeError, match=f"no free port for direct calls in {port}-{port}"):
-            await DirectServer(Stage(), METHODS).start("127.0.0.1")
+            await DirectServer(Stage(), METHODS, REPLICA).start("127.0.0.1")
         await holder.stop(grace=None)
 
-        server = DirectServer(Stage(), METHODS)
+        server = DirectServer(Stage(), METHODS, REPLICA)
         assert await server.start("127.0.0.1") == f"127.0.0.1:{port}"
         try:
             with pytest.raises(RuntimeError, match="Failed to bind"):
@@ -139,7 +154,7 @@ def test_a_replica_holds_its_port_alone(monkeypatch):
 
 def test_replicas_on_one_node_take_different_ports_of_the_range():
     async def run():
-        servers = [DirectServer(Stage(), METHODS) for _ in range(3)]
+        servers = [DirectServer(Stage(), METHODS, REPLICA) for _ in range(3)]
         try:
             ports = [int((await s.start("127.0.0.1")).rsplit(":", 1)[1]) for s in servers]
         finally:
