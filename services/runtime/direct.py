@@ -24,9 +24,9 @@ What Serve no longer sees for these calls, and what stands in for it:
   the replacement, or raises `ActorDiedError` for the stage calls' own retries, `services.gateway.stages`).
   Sending it again is safe for the reason those retries are: each of these calls is stateless or carries a
   request id its stage recognises. Serve's router learns that a replica died only from a call it sent itself,
-  and a pick-only choice never sends one, so calls to an address lost this way go through Serve for a while
-  (`LOST_FOR_S`), until the router has dropped that replica. A call names the replica it is for: the one
-  that took a dead replica's port refuses it as lost.
+  and a pick-only choice never sends one, so calls to a replica lost this way go through Serve for a while
+  (`LOST_FOR_S`), until the router has dropped that replica. A call names the replica it is for: one that
+  took a dead replica's port since refuses it as lost.
 
 Ports: each replica's server takes a free port of `MINICPMO_DIRECT_PORTS` (default 25000-25999), bound exclusively.
 Not an OS-chosen port: those come from the kernel's ephemeral range, where Serve hands its ingress replicas their
@@ -56,7 +56,7 @@ from services.runtime.replica import detached, in_background
 DIRECT_KEY = "direct"  # the replica metadata entry holding the replica's direct address
 DIRECT_ONGOING = "direct_ongoing"  # the custom autoscaling metric: direct calls in flight on the replica
 SERVICE = "minicpmo.v1.Direct"
-LOST_FOR_S = 60.0  # an address lost under a call is called through Serve this long (its router drops it meanwhile)
+LOST_FOR_S = 60.0  # a replica lost under a call is called through Serve this long (its router drops it meanwhile)
 _MAX_MESSAGE = 256 << 20  # a frame's slices or a long clip's embeddings, never near it
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
 _SERVER_OPTIONS = [*_CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]  # the port is ours alone (module doc: Ports)
@@ -183,14 +183,14 @@ class DirectCalls:
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._lost: dict[str, float] = {}  # address -> when a call to it was lost
+        self._lost: dict[str, float] = {}  # replica id -> when a call to it was lost
 
     async def call(self, handle: Any, method: str, request: Message, reply_type: type[M],
                    inputs: Sequence[tensor_pb2.Embeddings] = ()) -> M:  # fmt: skip
         bound = getattr(handle, method)
         async with bound.choose_replica(request, _reserve=False) as chosen:
             address, replica_id = chosen.replica_metadata.get(DIRECT_KEY), chosen.replica_id
-        if address is not None and not self._recently_lost(address):
+        if address is not None and not self._recently_lost(replica_id):
             try:
                 return await self.send(address, replica_id, method, request, reply_type, inputs)
             except DirectCallLost as e:
@@ -207,22 +207,22 @@ class DirectCalls:
         except grpc.aio.AioRpcError as e:
             if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):  # else: no direct server
                 raise Internal(f"direct call {method} to {address} failed: {e.code().name} {e.details()}") from None
-            self._forget(address)
+            self._forget(address, replica_id)
             raise DirectCallLost(f"{method} on {address}: {e.details()}") from None
         reply = direct_pb2.DirectReply.FromString(raw)
         if reply.HasField("error"):
             raise pickle.loads(reply.error)
         return reply_type.FromString(reply.reply)
 
-    def _recently_lost(self, address: str) -> bool:
-        lost_at = self._lost.get(address)
+    def _recently_lost(self, replica_id: str) -> bool:
+        lost_at = self._lost.get(replica_id)
         return lost_at is not None and time.monotonic() - lost_at < LOST_FOR_S
 
-    def _forget(self, address: str) -> None:
-        """Drop the channel of a replica that went away (its replacement listens elsewhere)."""
+    def _forget(self, address: str, replica_id: str) -> None:
+        """Drop the channel of a replica that went away (its replacement listens elsewhere, or on its port)."""
         now = time.monotonic()
-        self._lost = {a: t for a, t in self._lost.items() if now - t < LOST_FOR_S}
-        self._lost[address] = now
+        self._lost = {r: t for r, t in self._lost.items() if now - t < LOST_FOR_S}
+        self._lost[replica_id] = now
         channel = self._channels.pop(address, None)
         if channel is not None:
             in_background(channel.close())
