@@ -92,7 +92,7 @@ class Session:
 
 
 def drive(client, s: Session, pcm: np.ndarray, frames: list[bytes], stop: threading.Event) -> None:
-    k = 0
+    k = unanswered = 0  # units since the last answer (a failed append shifts where units end: count them)
     while not stop.is_set():
         piece = pcm[(k * CHUNK) % (len(pcm) - CHUNK) :][:CHUNK]
         frame = [frames[(k // 5) % len(frames)]] if k % 5 == 0 else []
@@ -103,8 +103,9 @@ def drive(client, s: Session, pcm: np.ndarray, frames: list[bytes], stop: thread
                 s.tokens.append(reply.token_count)
                 s.unit_times += [time.monotonic()] * reply.units_prefilled
                 s.progress.notify_all()
-            if reply.units_prefilled and k % 15 == 14:
-                started = time.monotonic()
+            unanswered += reply.units_prefilled
+            if unanswered >= 3:
+                unanswered, started = 0, time.monotonic()
                 client.respond(s.sid, speech(8))
                 with s.progress:
                     s.answer_times.append(time.monotonic())
