@@ -52,14 +52,14 @@ def kill_all(deployment: str) -> set[str]:
     return set(names)
 
 
-def running(deployment: str) -> int:
-    """Replicas of `deployment` (any application) that Serve's controller counts as RUNNING."""
+def running(deployment: str, app: str | None = None) -> int:
+    """Replicas of `deployment` in `app` (None: in any application) that Serve's controller counts as RUNNING."""
     from ray import serve
 
     return sum(
-        app.deployments[deployment].replica_states.get("RUNNING", 0)
-        for app in serve.status().applications.values()
-        if deployment in app.deployments
+        status.deployments[deployment].replica_states.get("RUNNING", 0)
+        for name, status in serve.status().applications.items()
+        if app in (None, name) and deployment in status.deployments
     )
 
 

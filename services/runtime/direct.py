@@ -82,9 +82,10 @@ def direct_ports() -> range:
     spec = os.environ.get(PORTS_ENV, DEFAULT_PORTS)
     try:
         first, last = (int(p) for p in spec.split("-"))
-    except ValueError:
-        raise ValueError(f"{PORTS_ENV}={spec!r}: expected a port range such as {DEFAULT_PORTS}") from None
-    if not 0 < first <= last < 65536:
+        valid = 0 < first <= last < 65536
+    except ValueError:  # not two integers
+        valid = False
+    if not valid:
         raise ValueError(f"{PORTS_ENV}={spec!r}: expected a port range such as {DEFAULT_PORTS}")
     return range(first, last + 1)
 

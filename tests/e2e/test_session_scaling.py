@@ -16,6 +16,7 @@ from services.client.sdk import MiniCPMOClient
 from services.llm_core.admission import AdmissionPolicy
 from services.llm_core.context_window import WindowPolicy
 from tests.e2e.media import wav
+from tests.replicas import running
 from tests.stack import CONTEXT_WINDOW, MAX_SESSION_TOKENS
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.slow]
@@ -46,10 +47,6 @@ def scaling_app(served):
                    "session_placement_attempts": 24,  # a full replica is drawn with p = 1/2: ~6e-8 to miss
                    "max_live_sessions_per_key": PER_REPLICA + 1},
     })  # fmt: skip
-
-
-def running_llm_replicas() -> int:
-    return serve.status().applications[SCALING].deployments["LLMCore"].replica_states.get("RUNNING", 0)
 
 
 def wait_for(what: str, ready, timeout_s: float = 90.0):
@@ -94,7 +91,7 @@ def test_live_sessions_scale_llmcore_up_and_new_sessions_land_on_the_replica_wit
                 alice.create_session()
             assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "no replica had room" in full.value.details() and "KV arena full" in full.value.details()
-            wait_for("a second LLMCore replica for the sessions", lambda: running_llm_replicas() == 2)
+            wait_for("a second LLMCore replica for the sessions", lambda: running("LLMCore", SCALING) == 2)
 
             # the first replica stays full; new sessions drawn to it are placed again until they land on the new one
             # (retried here only while the gateway's router has not yet seen the new replica)
@@ -108,7 +105,7 @@ def test_live_sessions_scale_llmcore_up_and_new_sessions_land_on_the_replica_wit
                 bob.create_session()
             assert all_full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "24 placements tried" in all_full.value.details()
-            assert running_llm_replicas() == 2, "max_replicas bounds the policy"
+            assert running("LLMCore", SCALING) == 2, "max_replicas bounds the policy"
 
             pcm = wav(golden, "unit_audio_2s.wav")
             for sid in list(opened)[PER_REPLICA:]:  # the new replica's sessions are served where they were admitted
