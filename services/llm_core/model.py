@@ -7,9 +7,10 @@ the business of the attention backend passed in (`Attention`): the engine passes
 
 Weights: the q/k/v projections are one fused `qkv_proj` and gate/up one `gate_up_proj` (two matmuls where
 transformers' Qwen2 runs five). The official checkpoint is read unchanged: `checkpoint_layout` maps each official
-tensor to the rows of our parameter it fills (vLLM's stacked-parameter mapping). Layer building blocks (RMSNorm,
-rotary embedding, activation) are transformers' own; `tests/parity/test_llm.py` compares this forward with
-transformers' `Qwen2ForCausalLM` on the same weights.
+tensor to the rows of our parameter it fills (vLLM's stacked-parameter mapping). Layer building blocks are
+transformers' own (RMSNorm modules and rotary embedding computed in fewer kernels with the same arithmetic,
+`services.common.layers`); `tests/parity/test_llm.py` compares this forward with transformers' `Qwen2ForCausalLM`
+on the same weights.
 """
 
 from __future__ import annotations
@@ -24,14 +25,11 @@ from torch import nn
 from tqdm import tqdm
 from transformers import Qwen2Config
 from transformers.activations import ACT2FN
-from transformers.models.qwen2.modeling_qwen2 import (
-    Qwen2RMSNorm,
-    Qwen2RotaryEmbedding,
-    apply_rotary_pos_emb,
-)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from services.common.checkpoint import CheckpointReader, check_state_dict
 from services.common.config import LLMConfig, ModelConfig
+from services.common.layers import Rotation, rms_norm
 
 LLM_PREFIX = "llm."
 PREPACK_BATCH_HINT = 16  # the row count oneDNN tunes a packed layout for; any row count works
@@ -227,12 +225,11 @@ class SelfAttention(nn.Module):
         self.qkv_proj = StackedLinear(cfg.hidden_size, parts, bias=True)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rotation: Rotation, attn: Attention) -> torch.Tensor:
         n = h.shape[0]
         q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        q = rotation(q.view(n, self.num_heads, self.head_dim))
+        k = rotation(k.view(n, self.num_kv_heads, self.head_dim))
         attn.write(self.layer, k, v.view(n, self.num_kv_heads, self.head_dim))
         return self.o_proj(attn.attend(self.layer, q).reshape(n, self.q_size))
 
@@ -258,9 +255,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, rotation: Rotation, attn: Attention) -> torch.Tensor:
+        x = x + self.self_attn(rms_norm(self.input_layernorm, x), rotation, attn)
+        return x + self.mlp(rms_norm(self.post_attention_layernorm, x))
 
 
 # --- the model ----------------------------------------------------------------------------------------------------
@@ -353,10 +350,10 @@ class LLMModel(nn.Module):
         `positions` (N,), each row attending as `attn` (set up for this batch) says."""
         x = embeds.to(device=self.device_, dtype=self.dtype)
         cos, sin = self.rotary_emb(x, positions.to(self.device_)[None])
-        cos, sin = cos[0], sin[0]
+        rotation = Rotation(cos[0], sin[0])
         for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
+            x = layer(x, rotation, attn)
+        return rms_norm(self.norm, x)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

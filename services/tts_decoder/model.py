@@ -7,7 +7,8 @@ never visible.
 
 The backbone's modules and weights are transformers' `LlamaModel` (official names, loaded as they are); the forward
 pass runs its layers with the q/k/v projections as one matmul and gate/up as another (two where transformers runs
-five, as services/llm_core does for the LLM), its own norms, rotary embedding and activation, and the caller's KV.
+five, as services/llm_core does for the LLM), its norms and rotary embedding in fewer kernels (the same arithmetic:
+`services.common.layers`), its own activation, and the caller's KV.
 
 Modules, forward passes, masks and weight loading only: the KV slots are in kv_pool.py, sampling in sampler.py, the
 generation loop in generation.py, utterance bookkeeping in streaming.py.
@@ -23,11 +24,11 @@ import torch.nn.utils.parametrize as P
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 from transformers import LlamaConfig, LlamaModel
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from services.common.checkpoint import CheckpointReader, load_module
 from services.common.config import TTSConfig
-from services.common.layers import MultiModalProjector
+from services.common.layers import MultiModalProjector, Rotation, rms_norm
 
 TTS_PREFIXES = ("tts.projector.", "tts.emb_code.", "tts.emb_text.", "tts.head_code.", "tts.model.")
 
@@ -159,20 +160,20 @@ class ConditionalChatTTS(nn.Module):
         dtype = inputs_embeds.dtype
         mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
         mask = mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
-        cos, sin = self.model.rotary_emb(inputs_embeds, positions)
+        rotation = Rotation(*self.model.rotary_emb(inputs_embeds, positions))
         b, q, _ = inputs_embeds.shape
         heads, head_dim = self.cfg.num_attention_heads, self.head_dim
         x = inputs_embeds
         for i, (layer, (qkv, gate_up)) in enumerate(zip(self.model.layers, self.fused_weights())):
-            h = F.linear(layer.input_layernorm(x), qkv).view(b, q, 3, heads, head_dim)
-            queries, keys, values = h.permute(2, 0, 3, 1, 4)  # each (B, heads, q, head_dim)
-            queries, keys = apply_rotary_pos_emb(queries, keys, cos, sin)
-            keys, values = cache.update(keys, values, i)
+            h = F.linear(rms_norm(layer.input_layernorm, x), qkv).view(b, q, 3, heads, head_dim)
+            h = h.permute(2, 0, 3, 1, 4)  # (3, B, heads, q, head_dim)
+            queries, keys = rotation(h[:2])
+            keys, values = cache.update(keys, h[2], i)
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
             x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, q, heads * head_dim))
-            gate, up = F.linear(layer.post_attention_layernorm(x), gate_up).chunk(2, dim=-1)
+            gate, up = F.linear(rms_norm(layer.post_attention_layernorm, x), gate_up).chunk(2, dim=-1)
             x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-        return self.model.norm(x)
+        return rms_norm(self.model.norm, x)
 
     def fused_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the q|k|v and gate|up weights stacked along the output rows. Built once from the loaded
