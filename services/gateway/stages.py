@@ -16,7 +16,7 @@ from its replay log first. Retries are safe because every logged request carries
 (`services.runtime.session_stage`): one the old owner logged before dying is answered, not applied twice.
 
 The live unit's calls (the encoders, LLMCore's prefill) go to the replica Serve chose over that replica's own
-gRPC server (`services.runtime.direct`; one lost there is sent again through Serve, and fails here as above);
+direct server (`services.runtime.direct`; one lost there is sent again through Serve, and fails here as above);
 the other calls (streams, the TTS, cleanup) go through the handles.
 """
 

@@ -1,4 +1,4 @@
-"""Direct stage calls over a real gRPC socket (`services.runtime.direct`): a replica's methods served by its
+"""Direct stage calls over a real TCP socket (`services.runtime.direct`): a replica's methods served by its
 `DirectServer`, called with `DirectCalls.send` as the gateway calls them once Serve chose the replica. The target
 is a plain object with the stage methods' shape; choosing the replica through Serve is covered end to end
 (tests/e2e/test_transport.py)."""
@@ -42,8 +42,13 @@ class Stage:
         await self.release.wait()
         return llm_pb2.PrefillResponse(kv_len=1)
 
+    async def Delayed(self, request: llm_pb2.PrefillRequest) -> llm_pb2.PrefillResponse:
+        """Replies after `kv_len` ms: calls sent together finish in another order."""
+        await asyncio.sleep(len(request.session_id) / 1000)
+        return llm_pb2.PrefillResponse(kv_len=len(request.session_id))
 
-METHODS = {name: llm_pb2.PrefillRequest for name in ("Prefill", "Missing", "Broken", "Slow")}
+
+METHODS = {name: llm_pb2.PrefillRequest for name in ("Prefill", "Missing", "Broken", "Slow", "Delayed")}
 REPLICA = "r1"
 
 
@@ -87,6 +92,30 @@ def test_a_stage_error_arrives_as_itself_and_a_bug_as_internal():
             await call(calls, address, "Broken")
         reply = await call(calls, address, "Prefill", session_id="ok")
         assert reply.kv_len == 2, "the server still serves after both"
+
+    served(test)
+
+
+def test_calls_sent_together_share_one_connection_and_each_gets_its_own_reply():
+    async def test(stage, server, calls, address):
+        lengths = [30, 1, 20, 5, 12, 0, 8]  # reply order differs from send order
+        replies = await asyncio.gather(*(call(calls, address, "Delayed", session_id="x" * n) for n in lengths))
+        assert [r.kv_len for r in replies] == lengths
+        assert len(server._connections) == 1
+
+    served(test)
+
+
+def test_a_method_the_replica_does_not_serve_directly_is_lost_and_a_broken_stream_ends_only_itself():
+    async def test(stage, server, calls, address):
+        with pytest.raises(DirectCallLost, match="serves no direct Generate"):
+            await call(calls, address, "Generate")
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"\xff" * 64)  # a frame header claiming ~4 GiB: not a direct-call stream
+        assert await reader.read() == b"", "the server closes that connection"
+        writer.close()
+        assert (await call(calls, address, "Prefill", session_id="ok")).kv_len == 2, "and serves the others"
 
     served(test)
 
