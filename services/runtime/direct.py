@@ -243,7 +243,7 @@ class _Connection:
         self.waiting: dict[int, asyncio.Future] = {}
         self.closed = False
         self._ids = itertools.count()
-        self._reading = in_background(self._read_replies(reader))
+        in_background(self._read_replies(reader))
 
     async def call(self, body: bytes) -> bytes:
         if self.closed:
@@ -326,15 +326,13 @@ class DirectCalls:
         self._lost = {r: t for r, t in self._lost.items() if now - t < LOST_FOR_S}
         self._lost[replica_id] = now
         opened = self._connections.pop(address, None)
-        if opened is not None and opened.done() and not opened.exception():
+        if opened is not None and opened.done() and not _broken(opened):
             opened.result().close()
 
     async def _connection(self, address: str) -> _Connection:
         """The open connection to `address`, opened once for the calls that need it at the same time."""
         opened = self._connections.get(address)
-        if opened is not None and opened.done() and (opened.exception() or opened.result().closed):
-            opened = None
-        if opened is None:
+        if opened is None or (opened.done() and _broken(opened)):
             opened = self._connections[address] = asyncio.ensure_future(_connect(address))
         try:
             return await asyncio.shield(opened)
@@ -342,6 +340,11 @@ class DirectCalls:
             if self._connections.get(address) is opened:
                 del self._connections[address]
             raise
+
+
+def _broken(opened: asyncio.Future[_Connection]) -> bool:
+    """Whether a finished attempt to connect failed, or its connection has closed since."""
+    return opened.cancelled() or opened.exception() is not None or opened.result().closed
 
 
 async def _connect(address: str) -> _Connection:
