@@ -72,6 +72,7 @@ MAX_FRAME = 256 << 20  # a frame's slices or a long clip's embeddings, never nea
 PORTS_ENV = "MINICPMO_DIRECT_PORTS"
 DEFAULT_PORTS = "25000-25999"
 _HEADER = struct.Struct("!QI")  # call id, body length
+ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine]
 M = TypeVar("M", bound=Message)
 log = logging.getLogger("ray.serve")
 
@@ -116,8 +117,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return call_id, await reader.readexactly(length)
 
 
-async def _listen(serve_connection: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine]) -> tuple[
-        asyncio.Server, int]:  # fmt: skip
+async def _listen(serve_connection: ConnectionHandler) -> tuple[asyncio.Server, int]:
     """Listen on every interface on the first free port of `direct_ports()`, searched from a point set by the process
     id, so that replicas starting together on one node rarely try the same ports."""
     ports = direct_ports()
@@ -330,16 +330,12 @@ class DirectCalls:
             opened.result().close()
 
     async def _connection(self, address: str) -> _Connection:
-        """The open connection to `address`, opened once for the calls that need it at the same time."""
+        """The open connection to `address`, opened once for the calls that need it at the same time (one that
+        fails to open is dropped by `send`, through `_forget`)."""
         opened = self._connections.get(address)
         if opened is None or (opened.done() and _broken(opened)):
             opened = self._connections[address] = asyncio.ensure_future(_connect(address))
-        try:
-            return await asyncio.shield(opened)
-        except OSError:
-            if self._connections.get(address) is opened:
-                del self._connections[address]
-            raise
+        return await asyncio.shield(opened)
 
 
 def _broken(opened: asyncio.Future[_Connection]) -> bool:
